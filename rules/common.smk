@@ -1,0 +1,58 @@
+"""Shared helpers: the validated experiment config, artifact paths, and each rule's slice of the config."""
+
+import json
+from pathlib import Path
+
+from vectorlm.config import Config, to_plain
+from vectorlm.inputs import check_inputs
+
+# The embedded example's base model is built by rule build_example instead of being downloaded.
+EXAMPLE_MODEL = "resources/tiny-llama"
+
+# Schema (unknown keys, types, defaults) and meaning (e.g. batch divisibility) are checked here, when the DAG is
+# built, and so are the input paths: a mistake fails before any job starts.
+CFG = Config.from_dict(config)
+check_inputs(CFG, model_will_be_built=CFG.model == EXAMPLE_MODEL)
+
+
+def out(path):
+    """An artifact path inside this experiment's output_dir."""
+    return f"{CFG.output_dir}/{path}"
+
+
+def get_data_files(wildcards):
+    files = {"train": CFG.data.train}
+    if CFG.data.eval is not None:
+        files["eval"] = CFG.data.eval
+    return files
+
+
+def get_data_params():
+    return to_plain(CFG.data)
+
+
+def get_train_params():
+    return to_plain(CFG.train)
+
+
+def get_consolidate_params():
+    return {"dtype": CFG.export.dtype, "max_shard_size": CFG.export.max_shard_size}
+
+
+def get_convert_params():
+    return {
+        "smoke_test": CFG.export.smoke_test,
+        "smoke_test_prompt": CFG.export.smoke_test_prompt,
+    }
+
+
+def report_summary():
+    """Printed when the workflow succeeds: how the eval loss moved and where the model is."""
+    summary_path = Path(out("train/summary.json"))
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        print(
+            f"\nvectorlm: eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} "
+            f"after {summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on "
+            f"{summary['world_size']} rank(s)); model: {out('hf_model')}\n"
+        )

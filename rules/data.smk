@@ -1,0 +1,28 @@
+rule tokenize:
+    """Documents to token ids with the model's tokenizer, plus a held-out eval split when data.eval is null."""
+    input:
+        unpack(get_data_files),
+        model=CFG.model,
+    output:
+        tokenized=directory(out("tokenized")),
+    log:
+        out("logs/tokenize.log"),
+    params:
+        data=get_data_params(),
+        trust_remote_code=CFG.trust_remote_code,
+    script:
+        "../workflow_scripts/tokenize.py"
+
+
+rule pack:
+    """Tokenized documents into rows of at most max_seq_len tokens, positions restarting per document."""
+    input:
+        tokenized=rules.tokenize.output.tokenized,
+    output:
+        packed=directory(out("packed")),
+    log:
+        out("logs/pack.log"),
+    params:
+        max_seq_len=CFG.max_seq_len,
+    script:
+        "../workflow_scripts/pack.py"

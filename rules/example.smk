@@ -1,0 +1,12 @@
+rule build_example:
+    """The embedded example's base model: a tokenizer trained on the shipped corpus and a tiny random Llama."""
+    input:
+        corpus=f"{workflow.basedir}/examples/tiny/corpus.jsonl",
+    output:
+        model=directory(EXAMPLE_MODEL),
+    log:
+        "resources/logs/build_example.log",
+    params:
+        sizes={"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4},
+    script:
+        "../workflow_scripts/build_example.py"

@@ -1,0 +1,30 @@
+rule consolidate:
+    """The final sharded checkpoint into safetensors shards with Hugging Face names and an index, in one process."""
+    input:
+        summary=rules.train.output.summary,
+        model=CFG.model,
+    output:
+        weights=directory(out("consolidated")),
+    log:
+        out("logs/consolidate.log"),
+    params:
+        export=get_consolidate_params(),
+        trust_remote_code=CFG.trust_remote_code,
+    script:
+        "../workflow_scripts/consolidate.py"
+
+
+rule convert_hf:
+    """A Hugging Face model directory that AutoModelForCausalLM.from_pretrained loads."""
+    input:
+        weights=rules.consolidate.output.weights,
+        model=CFG.model,
+    output:
+        model=directory(out("hf_model")),
+    log:
+        out("logs/convert_hf.log"),
+    params:
+        export=get_convert_params(),
+        trust_remote_code=CFG.trust_remote_code,
+    script:
+        "../workflow_scripts/convert_hf.py"

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny example model and small corpora, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "tiny" / "corpus.jsonl"
+
+# Tests run single-threaded torch where they can: 2 CPU cores are shared with the ranks they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with a 300-token BPE tokenizer trained on the example corpus."""
+    from vectorlm.example import build_example_model
+
+    path = tmp_path_factory.mktemp("tiny-model") / "model"
+    return build_example_model(
+        CORPUS, path, vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=512
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus_rows() -> list[dict]:
+    return [json.loads(line) for line in CORPUS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def packed_dir(tmp_path_factory, tiny_model_dir, corpus_rows) -> Path:
+    """The example corpus (first 400 documents) tokenized and packed into 128-token rows."""
+    from vectorlm.config import DataConfig
+    from vectorlm.data.pack import run_pack
+    from vectorlm.data.tokenize import run_tokenize
+
+    root = tmp_path_factory.mktemp("data")
+    data = DataConfig(train=str(write_jsonl(root / "train.jsonl", corpus_rows[:400])), eval_fraction=0.1)
+    run_tokenize(model_dir=tiny_model_dir, data=data, output_dir=root / "tokenized")
+    run_pack(tokenized_dir=root / "tokenized", max_seq_len=128, output_dir=root / "packed")
+    return root / "packed"
+
+
+def run_training(output_dir: Path, model_dir: Path, packed: Path, *, num_processes: int = 2, **train) -> dict:
+    """Runs a real training job on ``num_processes`` local ranks; returns its summary and metric records."""
+    from vectorlm.config import TrainConfig
+    from vectorlm.launch import launch_training
+    from vectorlm.train import TrainJob
+
+    job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    launch_training(job, num_processes=num_processes, threads=2, log_path=output_dir / "logs" / "train.log")
+    records = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
+    return {
+        "summary": json.loads(job.summary_path.read_text()),
+        "steps": [r for r in records if "loss" in r],
+        "evals": [r for r in records if "eval_loss" in r],
+    }

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from vectorlm.data.loader import GlobalBatchSampler, collate, rank_slices
+from vectorlm.data.pack import IGNORE_INDEX
+
+
+def test_epochs_are_permutations_and_drop_the_tail():
+    sampler = GlobalBatchSampler(10, global_batch_size=4, seed=0)
+    epoch0 = np.concatenate([sampler.next_batch(), sampler.next_batch()])
+    assert len(set(epoch0.tolist())) == 8
+    assert sampler.next_batch().tolist() != epoch0[:4].tolist()  # epoch 1 is a new order
+    assert sampler.state_dict() == {"epoch": 1, "offset": 4}
+
+
+def test_order_depends_on_seed_only():
+    a, b, c = (GlobalBatchSampler(100, global_batch_size=8, seed=s) for s in (1, 1, 2))
+    assert a.next_batch().tolist() == b.next_batch().tolist() != c.next_batch().tolist()
+
+
+def test_resuming_from_state_continues_the_stream():
+    full = GlobalBatchSampler(50, global_batch_size=8, seed=3)
+    batches = [full.next_batch().tolist() for _ in range(9)]
+    resumed = GlobalBatchSampler(50, global_batch_size=8, seed=3)
+    for _ in range(4):
+        resumed.next_batch()
+    fresh = GlobalBatchSampler(50, global_batch_size=8, seed=3)
+    fresh.load_state_dict(resumed.state_dict())
+    assert [fresh.next_batch().tolist() for _ in range(5)] == batches[4:]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_split_the_global_batch_exactly(world_size):
+    batch = np.arange(16)
+    pieces = [rank_slices(batch, rank=r, world_size=world_size, micro_batch_size=2) for r in range(world_size)]
+    assert all(len(p) == 8 // world_size for p in pieces)
+    assert sorted(np.concatenate([np.concatenate(p) for p in pieces]).tolist()) == batch.tolist()
+
+
+def test_too_few_rows_for_a_batch():
+    with pytest.raises(ValueError, match=r"3 packed rows, fewer than train\.global_batch_size \(8\)"):
+        GlobalBatchSampler(3, global_batch_size=8, seed=0)
+
+
+ROWS = [
+    {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "position_ids": [0, 1, 0, 1]},
+    {"input_ids": [9, 10], "labels": [-100, 10], "position_ids": [0, 1]},
+]
+
+
+def test_padded_collate():
+    batch = collate(ROWS, flatten=False)
+    assert batch["input_ids"].shape == (2, 4) and batch["num_tokens"] == 6
+    assert batch["labels"][1].tolist() == [-100, 10, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1]  # padding is its own isolated "document"
+
+
+def test_flattened_collate_for_flash_attention():
+    batch = collate(ROWS, flatten=True)
+    assert batch["input_ids"].shape == (1, 6)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert batch["input_ids"].dtype == torch.long

@@ -1,0 +1,128 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vectorlm.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ExportConfig,
+    TrainConfig,
+    load_config,
+    parse_size,
+    schema,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": "m", "output_dir": "o", "max_seq_len": 64, "data": {"train": "t.jsonl"}}
+
+
+def with_(section: str, **values) -> dict:
+    raw = {**MINIMAL, section: {**MINIMAL.get(section, {}), **values}}
+    return raw
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.max_seq_len > 0
+
+
+@pytest.mark.parametrize(
+    ("section", "cls"), [("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig)]
+)
+def test_schema_defaults_equal_dataclass_defaults(section, cls):
+    properties = schema()["properties"][section]["properties"]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(properties) == set(fields)
+    for name, prop in properties.items():
+        if "default" in prop:
+            default = fields[name].default
+            assert (list(default) if isinstance(default, tuple) else default) == prop["default"], name
+
+
+def test_docs_describe_every_key():
+    docs = (REPO / "docs" / "config.md").read_text()
+
+    def keys(props, prefix=""):
+        for name, prop in props.items():
+            yield prefix + name
+            yield from keys(prop.get("properties", {}), f"{prefix}{name}.")
+
+    missing = [k for k in keys(schema()["properties"]) if f"`{k}`" not in docs]
+    assert not missing, f"docs/config.md lacks {missing}"
+
+
+def test_defaults_are_filled():
+    config = Config.from_dict(MINIMAL)
+    assert config.train == TrainConfig()
+    assert config.data.text_field == "text"
+    assert config.export.max_shard_bytes == 5 * 10**9
+
+
+def test_unknown_key_is_named_with_its_section():
+    with pytest.raises(ConfigError, match=r"unknown config key train\.learning_rate"):
+        Config.from_dict(with_("train", learning_rate=1e-4))
+
+
+def test_unknown_top_level_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"unknown config key max_seq_length \(did you mean max_seq_len\?"):
+        Config.from_dict({**MINIMAL, "max_seq_length": 12})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"config key train\.lr: 'fast' is not of type 'number'"):
+        Config.from_dict(with_("train", lr="fast"))
+
+
+def test_missing_required_key():
+    raw = dict(MINIMAL)
+    del raw["max_seq_len"]
+    with pytest.raises(ConfigError, match="missing config key 'max_seq_len'"):
+        Config.from_dict(raw)
+
+
+def test_invalid_enum_value():
+    with pytest.raises(ConfigError, match=r"config key train\.sharding: 'zero3' is not one of"):
+        Config.from_dict(with_("train", sharding="zero3"))
+
+
+def test_global_batch_must_be_multiple_of_micro_batch():
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(10\) must be a multiple of"):
+        TrainConfig(global_batch_size=10, micro_batch_size=4)
+
+
+def test_gradient_accumulation_from_world_size():
+    cfg = TrainConfig(global_batch_size=32, micro_batch_size=4)
+    assert cfg.grad_accumulation_steps(1) == 8
+    assert cfg.grad_accumulation_steps(4) == 2
+    assert cfg.grad_accumulation_steps(8) == 1
+    with pytest.raises(ConfigError, match=r"divisible by train\.micro_batch_size \(4\) x world size \(3\) = 12"):
+        cfg.grad_accumulation_steps(3)
+
+
+def test_warmup_must_end_before_training():
+    with pytest.raises(ConfigError, match=r"train\.warmup_steps \(10\) must be below train\.max_steps \(10\)"):
+        TrainConfig(max_steps=10, warmup_steps=10)
+
+
+def test_shard_size_parsing():
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    with pytest.raises(ConfigError, match="export.max_shard_size"):
+        ExportConfig(max_shard_size="lots")
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_load_config_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(with_("train", lr=0.1, betas=[0.8, 0.9])))
+    config = load_config(path)
+    assert config.train.lr == 0.1 and config.train.betas == (0.8, 0.9)
+    assert Config.from_dict(config.to_dict()) == config

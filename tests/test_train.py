@@ -1,0 +1,81 @@
+"""Real multi-rank training runs (torchrun, gloo on CPU) on the tiny model."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import run_training
+from vectorlm.config import ConfigError
+from vectorlm.data.loader import GlobalBatchSampler, fetch
+
+# fp32 and a fixed schedule: runs that should compute the same thing must agree to float rounding.
+EXACT = dict(max_steps=4, lr=1e-3, micro_batch_size=2, global_batch_size=8, mixed_precision=False, seed=5)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_model_dir, packed_dir):
+    return run_training(tmp_path_factory.mktemp("two"), tiny_model_dir, packed_dir, **EXACT)
+
+
+def test_first_step_loss_is_the_mean_token_loss_of_the_global_batch(two_rank_run, tiny_model_dir, packed_dir):
+    rows = GlobalBatchSampler(
+        len(datasets.load_from_disk(str(packed_dir))["train"]), global_batch_size=8, seed=EXACT["seed"]
+    ).next_batch()
+    batch = fetch(datasets.load_from_disk(str(packed_dir))["train"], rows, flatten=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert two_rank_run["steps"][0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_one_rank_and_two_ranks_train_identically(two_rank_run, tmp_path, tiny_model_dir, packed_dir):
+    one = run_training(tmp_path, tiny_model_dir, packed_dir, num_processes=1, **EXACT)
+    np.testing.assert_allclose(
+        [s["loss"] for s in one["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        [s["grad_norm"] for s in one["steps"]], [s["grad_norm"] for s in two_rank_run["steps"]], rtol=1e-4
+    )
+    assert one["summary"]["final_eval_loss"] == pytest.approx(two_rank_run["summary"]["final_eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{"sharding": "none"}, {"activation_checkpointing": True}])
+def test_replication_and_activation_checkpointing_change_nothing(variant, two_rank_run, tmp_path, tiny_model_dir, packed_dir):
+    run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, **variant})
+    np.testing.assert_allclose(
+        [s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5
+    )
+
+
+def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):
+    run = run_training(
+        tmp_path, tiny_model_dir, packed_dir, max_steps=30, lr=3e-3, micro_batch_size=4, global_batch_size=8,
+        warmup_steps=3, eval_every=10, log_every=5,
+    )  # fmt: skip
+    summary, steps, evals = run["summary"], run["steps"], run["evals"]
+    assert [e["step"] for e in evals] == [0, 10, 20, 30]
+    assert [s["step"] for s in steps] == [5, 10, 15, 20, 25, 30]
+    assert summary["final_eval_loss"] < 0.75 * summary["initial_eval_loss"]
+    assert all(s["tokens_per_second"] > 0 and s["grad_norm"] > 0 and s["mfu"] is None for s in steps)
+    assert steps[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine schedule ends at 0
+    checkpoint = tmp_path / "checkpoints" / "step_30"
+    assert (checkpoint / ".metadata").is_file() and (checkpoint / "train_state.json").is_file()
+    assert summary["checkpoint"] == str(checkpoint)
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert "step 30/30 | loss" in log and "tokens/s" in log
+
+
+def test_indivisible_global_batch_fails_before_any_rank_starts(tmp_path, tiny_model_dir, packed_dir):
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(8\) must be divisible .* x world size \(3\)"):
+        run_training(tmp_path, tiny_model_dir, packed_dir, num_processes=3, max_steps=1, micro_batch_size=2)
+    assert not (tmp_path / "train" / "job.yaml").exists()
+
+
+def test_hybrid_sharding_on_one_node_fails_clearly(tmp_path, tiny_model_dir, packed_dir):
+    with pytest.raises(RuntimeError, match="training exited with status"):
+        run_training(tmp_path, tiny_model_dir, packed_dir, max_steps=1, sharding="hybrid")
+    assert "train.sharding: hybrid needs ranks on at least 2 nodes" in (tmp_path / "logs" / "train.log").read_text()

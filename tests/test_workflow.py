@@ -1,0 +1,165 @@
+"""The Snakemake workflow itself: a real run of the whole DAG on a tiny config, what reruns after an edit, the
+shipped configs, lint and formatting, and bad input caught when the DAG is built."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import REPO, write_jsonl
+
+pytestmark = pytest.mark.workflow
+
+TINY = {
+    "model": "resources/tiny-llama",
+    "output_dir": "results/tiny-test",
+    "max_seq_len": 128,
+    "data": {"train": "corpus.jsonl", "eval_fraction": 0.1},
+    "train": {
+        "max_steps": 12, "lr": 3.0e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
+        "eval_every": 6, "log_every": 2,
+    },
+    "export": {"smoke_test_prompt": "Once upon"},
+}  # fmt: skip
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs Snakemake on this repository's Snakefile in ``workdir``; SIGINT at the limit (it ignores SIGTERM)."""
+    command = [
+        "timeout", "-s", "INT", "-k", "30", str(timeout), sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if "Nothing to be done" in output:
+        return set()
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+
+
+def write_config(workdir: Path, config: dict, name: str = "config.yaml") -> Path:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_rows):
+    """The whole DAG, from building the example model to hf_model, on a tiny config."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_jsonl(workdir / "corpus.jsonl", corpus_rows[:300])
+    config = write_config(workdir, TINY)
+    result = snakemake(workdir, f"--configfile={config}", "all")
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    return workdir, config
+
+
+def test_whole_pipeline_produces_a_loadable_model_that_learned(finished_run):
+    workdir, _ = finished_run
+    out = workdir / "results" / "tiny-test"
+    model = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf_model")
+    generated = model.generate(**tokenizer("Once upon", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > len(tokenizer("Once upon")["input_ids"])
+    summary = json.loads((out / "train" / "summary.json").read_text())
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 1.0
+    assert (out / "checkpoints" / "step_12" / ".metadata").is_file()
+    assert (out / "consolidated" / "model.safetensors.index.json").is_file()
+    resolved = yaml.safe_load((out / "hf_model" / "vectorlm_config.yaml").read_text())
+    assert resolved["train"]["lr"] == 3.0e-3 and resolved["data"]["train"] == "corpus.jsonl"
+    for stage in ("tokenize", "pack", "train", "consolidate", "convert_hf"):
+        assert (out / "logs" / f"{stage}.log").stat().st_size > 0, stage
+    assert "smoke test: 'Once upon' ->" in (out / "logs" / "convert_hf.log").read_text()
+
+
+def test_a_finished_run_plans_nothing(finished_run):
+    workdir, config = finished_run
+    assert planned_jobs(snakemake(workdir, f"--configfile={config}", "-n")) == set()
+
+
+def test_changing_lr_reruns_training_onward_only(finished_run):
+    workdir, _ = finished_run
+    edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
+    jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
+    assert jobs == {"train", "consolidate", "convert_hf", "all"}
+
+
+def test_changing_max_seq_len_reruns_packing_onward(finished_run):
+    workdir, _ = finished_run
+    edited = write_config(workdir, {**TINY, "max_seq_len": 64}, "seq.yaml")
+    jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
+    assert jobs == {"pack", "train", "consolidate", "convert_hf", "all"}
+
+
+def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
+    workdir, _ = finished_run
+    edited = write_config(workdir, {**TINY, "export": {"smoke_test": False}}, "export.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"convert_hf", "all"}
+
+
+def test_indivisible_batch_fails_in_train_and_keeps_upstream_artifacts(finished_run):
+    workdir, _ = finished_run
+    edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
+    result = snakemake(workdir, f"--configfile={edited}", "--set-resources=train:tasks=3", "all")
+    assert result.returncode != 0
+    log = (workdir / "results" / "tiny-test" / "logs" / "train.log").read_text()
+    assert "must be divisible by train.micro_batch_size (2) x world size (3) = 6" in log
+    assert (workdir / "results" / "tiny-test" / "packed" / "dataset_dict.json").is_file()
+
+
+BAD_INPUTS = [
+    ({"model": "no/such/model"}, "config key model: model directory no/such/model does not exist"),
+    ({"data": {"train": "missing.jsonl"}}, "config key data.train: data file missing.jsonl does not exist"),
+    ({"train": {"learning_rate": 0.1}}, "unknown config key train.learning_rate"),
+    ({"train": {"lr": "fast"}}, "config key train.lr: 'fast' is not of type 'number'"),
+    ({"data": {"train": "corpus.jsonl", "text_field": "body"}}, "line 1 has no field 'body' (config key data.text_field)"),
+    ({"data": {"train": "empty.jsonl"}}, "config key data.train: data file empty.jsonl is empty"),
+    ({"data": {"train": "blank.jsonl"}}, "config key data.train: data file blank.jsonl has no rows"),
+    ({"max_seq_len": 100000}, "config key max_seq_len: 100000 is above the model's max_position_embeddings (1024)"),
+    ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, "train.global_batch_size (10) must be a multiple"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUTS, ids=[m.split(":")[0][:40] for _, m in BAD_INPUTS])
+def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, message):
+    workdir, _ = finished_run
+    (workdir / "empty.jsonl").write_text("")
+    (workdir / "blank.jsonl").write_text("\n\n")
+    config = write_config(workdir, {**TINY, **change}, "bad.yaml")
+    result = snakemake(workdir, f"--configfile={config}", "all")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert (workdir / "results" / "tiny-test" / "hf_model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_plans_the_whole_dag(path):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "2", f"--configfile={path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "convert_hf" in result.stdout
+
+
+def test_lint_finds_only_the_missing_conda_environments():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    lints = {line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip().startswith("*")}
+    assert lints == {"* Specify a conda environment or container for each rule.:"}
+
+
+def test_snakefmt_check():
+    result = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

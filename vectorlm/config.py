@@ -1,0 +1,236 @@
+"""Experiment configuration: the JSON schema (types, defaults, unknown keys) and typed dataclasses (meaning).
+
+The schema in ``vectorlm/schema/config.schema.yaml`` is the single description of every key; the Snakefile checks a
+config against it when it builds the DAG, and :func:`load_config` does the same for library users. The dataclasses
+below add the checks a schema cannot express and raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the experiment configuration."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str
+    eval: str | None = None
+    eval_fraction: float = 0.05
+    text_field: str = "text"
+    split_seed: int = 0
+    tokenize_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int | None = None
+    num_epochs: float = 1
+    seed: int = 0
+    lr: float = 2.0e-5
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    sharding: str = "full"
+    mixed_precision: bool = True
+    activation_checkpointing: bool = False
+    attention: str = "auto"
+    eval_every: int | None = None
+    eval_max_batches: int | None = None
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})"
+            )
+        if self.sharding not in ("full", "hybrid", "none"):
+            raise ConfigError(f"train.sharding must be full, hybrid or none, got {self.sharding!r}")
+
+    def grad_accumulation_steps(self, dp_world_size: int) -> int:
+        """Micro-steps per optimizer step so that ``dp_world_size`` ranks make one global batch."""
+        rows_per_micro_step = self.micro_batch_size * dp_world_size
+        if self.global_batch_size % rows_per_micro_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be divisible by train.micro_batch_size "
+                f"({self.micro_batch_size}) x world size ({dp_world_size}) = {rows_per_micro_step}"
+            )
+        return self.global_batch_size // rows_per_micro_step
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    max_shard_size: str = "5GB"
+    dtype: str = "auto"
+    smoke_test: bool = True
+    smoke_test_prompt: str = "Once upon a time"
+
+    def __post_init__(self) -> None:
+        parse_size(self.max_shard_size)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    output_dir: str
+    max_seq_len: int
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Validates ``raw`` against the schema, fills defaults and builds the typed config."""
+        resolved = validate(raw)
+        return cls(
+            model=resolved["model"],
+            output_dir=resolved["output_dir"],
+            max_seq_len=resolved["max_seq_len"],
+            trust_remote_code=resolved["trust_remote_code"],
+            data=DataConfig(**resolved["data"]),
+            train=TrainConfig(**resolved["train"]),
+            export=ExportConfig(**resolved["export"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass (or nested one) as plain dicts, lists and scalars, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _validator():
+    from jsonschema import Draft202012Validator, validators
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop:
+                    instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, subschema)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema())
+
+
+def validate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Checks ``raw`` against the schema and returns a copy with every default filled in.
+
+    Raises:
+        ConfigError: naming the offending key, e.g. ``config key train.lr: 'x' is not of type 'number'``.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
+    resolved = copy.deepcopy(raw)
+    errors = sorted(_validator().iter_errors(resolved), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in errors))
+    return resolved
+
+
+def _describe(error) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        where = f"{path}." if path else ""
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {where}{close[0]}? " if close else ""
+            lines.append(f"  unknown config key {where}{key} ({hint}allowed here: {', '.join(allowed)})")
+        return "\n".join(lines)
+    if error.validator == "required":
+        return f"  missing config key {error.message.split(' is a required')[0]}" + (f" in {path}" if path else "")
+    return f"  config key {path or '<root>'}: {error.message}"
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads a YAML experiment config from ``path``, validated, with defaults filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return Config.from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``'5GB'`` -> 5_000_000_000."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(B|KB|MB|GB|KiB|MiB|GiB)", text)
+    if not match:
+        raise ConfigError(f"export.max_shard_size: cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+STAGE_CONFIG = "vectorlm_config.yaml"
+
+
+def write_stage_config(directory: str | Path, settings: dict[str, Any], *, upstream: str | Path | None = None) -> dict:
+    """Saves the resolved configuration behind an artifact next to it, as ``vectorlm_config.yaml``.
+
+    ``settings`` are the keys this stage used; those recorded beside its ``upstream`` artifact are merged in first, so
+    the file beside the final model holds everything that produced it.
+    """
+    resolved = _merge(read_stage_config(upstream) if upstream is not None else {}, to_plain(settings))
+    Path(directory, STAGE_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return resolved
+
+
+def read_stage_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory, STAGE_CONFIG)
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged

@@ -1,0 +1,76 @@
+"""Process-group setup for one training job, whoever started the ranks (torchrun locally, srun under SLURM)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from vectorlm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistributedEnv:
+    """Joins the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
+
+    Uses NCCL with one GPU per rank when CUDA is available, else gloo on CPU.
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistributedEnv(rank, world_size, local_rank, local_world_size, device)
+
+
+def build_mesh(env: DistributedEnv, sharding: str) -> DeviceMesh:
+    """The device mesh FSDP2 shards over.
+
+    full: one dimension over every rank. hybrid: (nodes, ranks per node), sharding inside a node where the
+    interconnect is fast and only all-reducing gradients across nodes. none: (ranks, 1), every rank a full replica.
+    """
+    if sharding == "full":
+        shape, names = (env.world_size,), ("shard",)
+    elif sharding == "hybrid":
+        if env.num_nodes < 2:
+            raise ConfigError(
+                f"train.sharding: hybrid needs ranks on at least 2 nodes; this job has {env.world_size} ranks on one "
+                "node, where full sharding does the same with less communication"
+            )
+        shape, names = (env.num_nodes, env.local_world_size), ("replicate", "shard")
+    elif sharding == "none":
+        shape, names = (env.world_size, 1), ("replicate", "shard")
+    else:
+        raise ConfigError(f"train.sharding must be full, hybrid or none, got {sharding!r}")
+    return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+
+
+def all_reduce_sum(*values: float, device: torch.device) -> list[float]:
+    """Sums scalars over all ranks in one collective."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

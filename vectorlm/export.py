@@ -1,0 +1,153 @@
+"""The export stages: a sharded DCP checkpoint to safetensors (consolidate), then to a Hugging Face model directory
+(convert_hf).
+
+Consolidation runs in one process without the training ranks and reads the checkpoint shard file by shard file, so
+its peak memory is about one output shard, never the whole model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from vectorlm.config import ExportConfig, read_stage_config, write_stage_config
+from vectorlm.model import build_empty_model, tied_parameter_names
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+MODEL_PREFIX = "model."  # the training checkpoint holds {"model": ..., "optim": ...}
+
+
+def export_dtype(export: ExportConfig, model_config) -> torch.dtype:
+    """The dtype to write: the configured one, or for ``auto`` the base model's own (float32 when it says none)."""
+    if export.dtype != "auto":
+        return getattr(torch, export.dtype)
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def weight_names(model_dir: str | Path, *, trust_remote_code: bool = False) -> list[str]:
+    """The model's state-dict names in order, without the duplicates of tied weights."""
+    model = build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code)
+    tied = tied_parameter_names(model)
+    return [name for name in model.state_dict() if name not in tied]
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names whose tensors add up to at most ``max_bytes`` (a bigger tensor goes alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def consolidate(
+    checkpoint: str | Path,
+    *,
+    model_dir: str | Path,
+    output_dir: str | Path,
+    export: ExportConfig,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Writes the model weights of a DCP checkpoint as safetensors shards with a Hugging Face index."""
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    # One process reads what all ranks wrote; DCP warns about the missing process group, which is intended here.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    reader = dcp.FileSystemReader(str(checkpoint))
+    saved = reader.read_metadata().state_dict_metadata
+    names = weight_names(model_dir, trust_remote_code=trust_remote_code)
+    missing = [n for n in names if MODEL_PREFIX + n not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
+    dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
+    sizes = {n: saved[MODEL_PREFIX + n].size.numel() * dtype.itemsize for n in names}
+    shards = plan_shards(sizes, export.max_shard_bytes)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: torch.empty(saved[MODEL_PREFIX + n].size, dtype=saved[MODEL_PREFIX + n].properties.dtype)
+                   for n in shard}  # fmt: skip
+        dcp.load({"model": tensors}, storage_reader=reader)
+        save_file({n: t.to(dtype).contiguous() for n, t in tensors.items()}, output_dir / file_name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+        log.info("wrote %s (%d tensors)", file_name, len(shard))
+        del tensors
+    total = sum(sizes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_stage_config(output_dir, {"export": {"dtype": export.dtype, "max_shard_size": export.max_shard_size}},
+                       upstream=checkpoint)  # fmt: skip
+    log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, len(shards))
+    return {"tensors": len(names), "bytes": total, "files": len(shards), "dtype": str(dtype)}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def convert_hf(
+    consolidated: str | Path,
+    *,
+    model_dir: str | Path,
+    output_dir: str | Path,
+    smoke_test_prompt: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Assembles a Hugging Face model directory: the consolidated weights with the base model's config, generation
+    config, tokenizer (and custom code, if any), plus the resolved pipeline config."""
+    consolidated, model_dir, output_dir = Path(consolidated), Path(model_dir), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    index = json.loads((consolidated / INDEX_FILE).read_text())
+    for name in sorted(set(index["weight_map"].values())) + [INDEX_FILE]:
+        _link_or_copy(consolidated / name, output_dir / name)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    config.dtype = export_dtype(ExportConfig(dtype=read_stage_config(consolidated)["export"]["dtype"]), config)
+    config.use_cache = True  # training turned it off; generation wants it
+    config.save_pretrained(output_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
+    if trust_remote_code:
+        for code in model_dir.glob("*.py"):
+            shutil.copy2(code, output_dir / code.name)
+    settings = {"smoke_test": smoke_test_prompt is not None, "smoke_test_prompt": smoke_test_prompt}
+    write_stage_config(output_dir, {"export": settings}, upstream=consolidated)
+    if smoke_test_prompt is not None:
+        smoke_test(output_dir, prompt=smoke_test_prompt, trust_remote_code=trust_remote_code)
+    log.info("Hugging Face model written to %s", output_dir)
+    return output_dir
+
+
+def smoke_test(model_dir: str | Path, *, prompt: str, trust_remote_code: bool = False, num_tokens: int = 24) -> str:
+    """Loads the exported model as a user would and greedily continues ``prompt``; returns the text."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=num_tokens, do_sample=False)
+    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    log.info("smoke test: %r -> %r", prompt, text)
+    return text

@@ -1,0 +1,94 @@
+"""Checks of the experiment's inputs (model directory, data files) that fail fast with a message naming the problem.
+
+The Snakefile runs :func:`check_inputs` when it builds the DAG, before any job starts; each stage repeats the checks
+that concern it, so the library is just as safe without Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vectorlm.config import Config, ConfigError
+
+DATA_SUFFIXES = (".jsonl",)
+
+
+class DataError(ValueError):
+    """A problem with the user's data: a missing file, a missing field, a bad row."""
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a Path, after checking it is a Hugging Face model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"config key model: model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config key model: {path} has no config.json; is it a Hugging Face model directory?")
+    return path
+
+
+def model_max_positions(model_dir: str | Path) -> int | None:
+    """The largest sequence length the model's config allows, or None when the config does not say."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings")
+
+
+def check_max_seq_len(max_seq_len: int, model_dir: str | Path) -> None:
+    limit = model_max_positions(model_dir)
+    if limit is not None and max_seq_len > limit:
+        raise ConfigError(
+            f"config key max_seq_len: {max_seq_len} is above the model's max_position_embeddings ({limit}) "
+            f"in {Path(model_dir) / 'config.json'}"
+        )
+
+
+def check_data_file(path: str | Path, *, key: str = "data.train") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"config key {key}: data file {path} does not exist")
+    if path.suffix not in DATA_SUFFIXES:
+        raise DataError(f"config key {key}: {path} has unsupported extension {path.suffix!r} (supported: .jsonl)")
+    if path.stat().st_size == 0:
+        raise DataError(f"config key {key}: data file {path} is empty")
+    return path
+
+
+def check_first_row(path: str | Path, *, text_field: str, key: str = "data.train") -> None:
+    """Reads the first row of a ``.jsonl`` file to catch a wrong ``data.text_field`` before any job starts."""
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                break
+        else:
+            raise DataError(f"config key {key}: data file {path} has no rows")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"config key {key}: {path} line {number} is not valid JSON: {error}") from error
+    if not isinstance(row, dict):
+        raise DataError(f"config key {key}: {path} line {number} is not a JSON object")
+    if text_field not in row:
+        raise DataError(
+            f"{path} line {number} has no field {text_field!r} (config key data.text_field); "
+            f"fields found: {', '.join(row)}"
+        )
+
+
+def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
+    """Everything that can be checked before a job starts.
+
+    Args:
+        config: the experiment config.
+        model_will_be_built: the model directory is the output of a workflow rule (the example model), so it may not
+            exist yet and its limits are checked by the stages instead.
+    """
+    for key, path in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if path is not None:
+            check_data_file(path, key=key)
+            check_first_row(path, text_field=config.data.text_field, key=key)
+    if model_will_be_built and not Path(config.model).exists():
+        return
+    check_model_dir(config.model)
+    check_max_seq_len(config.max_seq_len, config.model)

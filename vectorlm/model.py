@@ -1,0 +1,113 @@
+"""Building, sharding and loading the Hugging Face model for training.
+
+The model is created with its parameters on the meta device, sharded with FSDP2, and only then filled: every rank
+reads just its own shards of the safetensors weights (through DCP's Hugging Face reader), so no rank ever holds a full
+copy of a 70B model in memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import init_empty_weights
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from vectorlm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """The attention implementation to use: ``auto`` is flash-attn on a GPU where it is installed, else sdpa."""
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    return requested
+
+
+def build_empty_model(
+    model_dir: str | Path, *, attention: str, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """The model with its parameters on the meta device and its buffers (e.g. rotary frequencies) computed on CPU."""
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    # A KV cache makes transformers ignore per-document position_ids, so packed documents would attend to each other.
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attention, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    # init_empty_weights re-registers every parameter on the meta device, which unties tied embeddings.
+    model.tie_weights()
+    return model
+
+
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The repeated transformer blocks, found by the class names the model declares as unsplittable."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in block_classes]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules)")
+    return layers
+
+
+def apply_fsdp(model: PreTrainedModel, mesh: DeviceMesh, *, mixed_precision: bool) -> None:
+    """Shards ``model`` with FSDP2: each decoder layer is one communication unit, the rest (embeddings, final norm,
+    LM head) goes with the root.
+
+    Mixed precision keeps fp32 master weights and optimizer state, computes in bf16, and reduces gradients in fp32 so
+    that summing over many ranks loses no precision.
+    """
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by the backward pass: keep them gathered.
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (e.g. ``lm_head.weight`` tied to embeddings)."""
+    seen, tied = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
+
+
+def materialize(model: PreTrainedModel, model_dir: str | Path, device: torch.device) -> None:
+    """Allocates the (sharded) parameters on ``device`` and fills them from the safetensors files in ``model_dir``."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    state = {k: v for k, v in model.state_dict().items() if k not in tied_parameter_names(model)}
+    try:
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(model_dir)))
+    except Exception as error:  # DCP wraps per-rank failures; say which model could not be read.
+        raise RuntimeError(f"cannot load the weights of {model_dir} into the model: {error}") from error
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recomputes each decoder layer in backward (transformers' non-reentrant checkpointing, which FSDP2 supports)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts of the full, unsharded model."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

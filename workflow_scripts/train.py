@@ -1,0 +1,19 @@
+"""Snakemake adapter: run the distributed training job (rule ``train``) on ``resources.tasks`` ranks."""
+
+from pathlib import Path
+
+from vectorlm.config import TrainConfig
+from vectorlm.launch import launch_training
+from vectorlm.log import logged_stage
+from vectorlm.train import TrainJob
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logged_stage("train", sm.log[0]):
+    job = TrainJob(
+        model=sm.input.model,
+        packed=sm.input.packed,
+        output_dir=str(Path(sm.output.summary).parents[1]),  # {output_dir}/train/summary.json
+        train=TrainConfig(**sm.params.train),
+        trust_remote_code=sm.params.trust_remote_code,
+    )
+    launch_training(job, num_processes=sm.resources.tasks, threads=sm.threads, log_path=sm.log[0])
