@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 from vectorlm.config import Config, to_plain
+from vectorlm.data.pack import ARTIFACT_VERSION as pack_artifact_version
+from vectorlm.data.tokenize import ARTIFACT_VERSION as tokenize_artifact_version
 from vectorlm.inputs import check_inputs
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.

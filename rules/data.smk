@@ -10,6 +10,7 @@ rule tokenize:
     params:
         data=get_data_params(),
         trust_remote_code=CFG.trust_remote_code,
+        artifact_version=tokenize_artifact_version,
     script:
         "../workflow_scripts/tokenize.py"
 
@@ -24,5 +25,6 @@ rule pack:
         out("logs/pack.log"),
     params:
         max_seq_len=CFG.max_seq_len,
+        artifact_version=pack_artifact_version,
     script:
         "../workflow_scripts/pack.py"

@@ -13,7 +13,7 @@ from vectorlm.config import ExportConfig, read_stage_config
 from vectorlm.data.loader import fetch
 from vectorlm.example import build_example_model
 from vectorlm.export import INDEX_FILE, consolidate, convert_hf, plan_shards
-from vectorlm.train import loss_sum, num_loss_tokens
+from vectorlm.step import loss_sum, num_loss_tokens
 
 TRAIN = dict(max_steps=6, lr=3e-3, micro_batch_size=4, global_batch_size=8, mixed_precision=False)
 

@@ -1,4 +1,4 @@
-"""Real multi-rank training runs (torchrun, gloo on CPU) on the tiny model."""
+"""Real multi-rank training runs (vectorlm.launch, gloo on CPU) on the tiny model."""
 
 import datasets
 import numpy as np

@@ -4,12 +4,17 @@ shipped configs, lint and formatting, and bad input caught when the DAG is built
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, write_jsonl
@@ -23,7 +28,7 @@ TINY = {
     "data": {"train": "corpus.jsonl", "eval_fraction": 0.1},
     "train": {
         "max_steps": 12, "lr": 3.0e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
-        "eval_every": 6, "log_every": 2,
+        "eval_every": 6, "log_every": 1, "checkpoint_every": 3,
     },
     "export": {"smoke_test_prompt": "Once upon"},
 }  # fmt: skip
@@ -117,6 +122,40 @@ def test_indivisible_batch_fails_in_train_and_keeps_upstream_artifacts(finished_
     assert (workdir / "results" / "tiny-test" / "packed" / "dataset_dict.json").is_file()
 
 
+def test_killed_run_resumes_after_unlock_and_ends_with_the_same_model(finished_run, tmp_path, corpus_rows):
+    reference_dir, _ = finished_run
+    write_jsonl(tmp_path / "corpus.jsonl", corpus_rows[:300])
+    shutil.copytree(reference_dir / "resources", tmp_path / "resources")  # the same example model, not rebuilt
+    config = write_config(tmp_path, TINY)
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--cores", "2", f"--configfile={config}", "all"]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "results" / "tiny-test" / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and '"step": 5,' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not reach step 5"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    assert snakemake(tmp_path, f"--configfile={config}", "all").returncode != 0  # the killed run left its lock
+    assert snakemake(tmp_path, f"--configfile={config}", "--unlock").returncode == 0
+    result = snakemake(tmp_path, f"--configfile={config}", "all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from results/tiny-test/checkpoints/step_" in (tmp_path / "results/tiny-test/logs/train.log").read_text()
+    ours = safetensors_tensors(tmp_path / "results" / "tiny-test" / "hf_model")
+    reference = safetensors_tensors(reference_dir / "results" / "tiny-test" / "hf_model")
+    assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+    assert planned_jobs(snakemake(tmp_path, f"--configfile={config}", "-n")) == set()
+
+
+def safetensors_tensors(directory: Path) -> dict:
+    tensors = {}
+    for file in directory.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    return tensors
+
+
 BAD_INPUTS = [
     ({"model": "no/such/model"}, "config key model: model directory no/such/model does not exist"),
     ({"data": {"train": "missing.jsonl"}}, "config key data.train: data file missing.jsonl does not exist"),
@@ -145,7 +184,7 @@ def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, 
 @pytest.mark.parametrize("path", sorted((REPO / "config").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_plans_the_whole_dag(path):
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "2", f"--configfile={path}"],
+        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "2", f"--configfile={path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

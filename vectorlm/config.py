@@ -59,6 +59,8 @@ class TrainConfig:
     attention: str = "auto"
     eval_every: int | None = None
     eval_max_batches: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
     log_every: int = 1
 
     def __post_init__(self) -> None:

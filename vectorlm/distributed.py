@@ -1,4 +1,4 @@
-"""Process-group setup for one training job, whoever started the ranks (torchrun locally, srun under SLURM)."""
+"""Process-group setup for one training job, whoever started the ranks (vectorlm.launch locally, srun under SLURM)."""
 
 from __future__ import annotations
 

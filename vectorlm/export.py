@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from vectorlm.checkpoint import SafeFileSystemReader
 from vectorlm.config import ExportConfig, read_stage_config, write_stage_config
 from vectorlm.model import build_empty_model, tied_parameter_names
 
@@ -69,26 +72,29 @@ def consolidate(
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     # One process reads what all ranks wrote; DCP warns about the missing process group, which is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    reader = dcp.FileSystemReader(str(checkpoint))
+    reader = SafeFileSystemReader(str(checkpoint))
     saved = reader.read_metadata().state_dict_metadata
     names = weight_names(model_dir, trust_remote_code=trust_remote_code)
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
     dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
-    sizes = {n: saved[MODEL_PREFIX + n].size.numel() * dtype.itemsize for n in names}
+    shapes = {n: tuple(saved[MODEL_PREFIX + n].size) for n in names}
+    sizes = {n: math.prod(shape) * dtype.itemsize for n, shape in shapes.items()}
+
+    def load(group: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {n: torch.empty(shapes[n], dtype=saved[MODEL_PREFIX + n].properties.dtype) for n in group}
+        dcp.load({"model": tensors}, storage_reader=reader)
+        return tensors
+
     shards = plan_shards(sizes, export.max_shard_bytes)
     output_dir.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: torch.empty(saved[MODEL_PREFIX + n].size, dtype=saved[MODEL_PREFIX + n].properties.dtype)
-                   for n in shard}  # fmt: skip
-        dcp.load({"model": tensors}, storage_reader=reader)
-        save_file({n: t.to(dtype).contiguous() for n, t in tensors.items()}, output_dir / file_name, {"format": "pt"})
+        write_safetensors(output_dir / file_name, {n: shapes[n] for n in shard}, dtype=dtype, load=load)
         weight_map.update(dict.fromkeys(shard, file_name))
         log.info("wrote %s (%d tensors)", file_name, len(shard))
-        del tensors
     total = sum(sizes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -96,6 +102,42 @@ def consolidate(
                        upstream=checkpoint)  # fmt: skip
     log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, len(shards))
     return {"tensors": len(names), "bytes": total, "files": len(shards), "dtype": str(dtype)}
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# Tensors read per DCP call when writing a shard. Measured on a 134M model (bench/consolidate_memory.py): peak RSS
+# above baseline 445 MB at 256 MiB, 192 MB at 64 MiB (then the largest tensor, read twice by DCP, dominates).
+LOAD_BUDGET_BYTES = 64 * 2**20
+
+
+def write_safetensors(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    dtype: torch.dtype,
+    load: Callable[[list[str]], dict[str, torch.Tensor]],
+) -> None:
+    """Writes one safetensors file, reading its tensors a few at a time (about ``LOAD_BUDGET_BYTES``).
+
+    ``safetensors.torch.save_file`` needs every tensor of the file in memory at once; the layout is simple enough
+    to stream (an 8-byte header length, a JSON header of dtypes, shapes and byte ranges, then the raw bytes), so
+    peak memory is a few tensors rather than a whole shard. The safetensors library reads the result (tests).
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for group in plan_shards({n: header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in shapes},
+                                 LOAD_BUDGET_BYTES):  # fmt: skip
+            tensors = load(group)
+            for name in group:
+                f.write(tensors.pop(name).to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -25,6 +25,11 @@ def check_model_dir(path: str | Path) -> Path:
         raise ConfigError(f"config key model: model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise ConfigError(f"config key model: {path} has no config.json; is it a Hugging Face model directory?")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(
+            f"config key model: {path} has no .safetensors weights (pickled .bin weights are not read); convert them "
+            "with transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)"
+        )
     return path
 
 

@@ -47,6 +47,12 @@ class MetricsLog:
             if fresh:
                 self.path.unlink(missing_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """Drops records of steps after ``step``: a resumed run redoes them, and each step is kept once."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:

@@ -2,9 +2,10 @@
 
     python -m vectorlm.train JOB.yaml
 
-FSDP2 over all ranks, gradient accumulation without gradient sync on micro-steps, loss averaged over every loss token
-of the global batch, clipping by the global gradient norm, eval loss at intervals, a metrics line per step, and a
-sharded checkpoint at the end.
+FSDP2 over all ranks; gradient accumulation without gradient sync on micro-steps; the loss averaged over every loss
+token of the global batch; clipping by the global gradient norm; eval loss at intervals; a metrics line per step;
+sharded checkpoints at intervals and at the end; exact resumption from the newest valid checkpoint; and on SIGTERM,
+SIGUSR1 or Ctrl-C a checkpoint at the next step boundary and exit status 75.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,12 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from transformers import get_scheduler
 
-from vectorlm.checkpoint import checkpoint_dir, save_checkpoint
-from vectorlm.config import TrainConfig, read_stage_config, to_plain
+from vectorlm.checkpoint import checkpoint_dir, checkpoints_root, load_checkpoint, save_checkpoint
+from vectorlm.config import ConfigError, TrainConfig, to_plain
 from vectorlm.data.loader import GlobalBatchSampler, fetch, rank_slices
-from vectorlm.data.pack import IGNORE_INDEX
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, build_mesh, init_distributed
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import setup_logging
@@ -42,6 +43,9 @@ from vectorlm.model import (
     materialize,
     resolve_attention,
 )
+from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from vectorlm.resume import StartPlan, plan_start, run_fingerprint
+from vectorlm.step import build_optimizer, evaluate, to_device, train_step
 
 log = logging.getLogger(__name__)
 
@@ -73,187 +77,192 @@ class TrainJob:
         return cls(**{**raw, "train": TrainConfig(**raw["train"])})
 
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits of a packed batch, documents isolated from each other.
+class Trainer:
+    """One rank's share of a training run: set-up, the loop, checkpoints."""
 
-    No attention mask and no KV cache: only then does transformers turn the restarting position_ids into a
-    block-diagonal mask (sdpa, eager) or cu_seq_lens (flash-attn). With a cache, packed documents see each other.
-    """
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    def __init__(self, job: TrainJob, env: DistributedEnv) -> None:
+        self.job, self.env, self.cfg = job, env, job.train
+        check_model_dir(job.model)
+        self.accumulation = self.cfg.grad_accumulation_steps(env.world_size)
+        self.packed = datasets.load_from_disk(job.packed)
+        self.sampler = GlobalBatchSampler(
+            len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed
+        )
+        self.max_steps = self.cfg.max_steps or math.ceil(self.cfg.num_epochs * self.sampler.steps_per_epoch)
+        self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed)
+        self.eval_losses: dict[int, float] = {}
+        self.throughput: list[float] = []
+
+    def build(self) -> None:
+        """The sharded model (weights read from the base model), optimizer and schedule."""
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed + env.rank)
+        self.attention = resolve_attention(cfg.attention, env.device)
+        self.flatten = self.attention == "flash_attention_2"
+        model = build_empty_model(self.job.model, attention=self.attention, trust_remote_code=self.job.trust_remote_code)
+        self.num_params, _ = count_parameters(model)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        apply_fsdp(model, build_mesh(env, cfg.sharding), mixed_precision=cfg.mixed_precision)
+        materialize(model, self.job.model, env.device)
+        self.model = model.train()
+        self.optimizer = build_optimizer(model, cfg, env.device)
+        self.scheduler = get_scheduler(
+            cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.max_steps
+        )
+        self.flops_per_token = flops_per_token(
+            model.config, num_params=self.num_params, seq_len=self.fingerprint["max_seq_len"]
+        )
+        self.peak_flops = peak_flops(env.device)
+        log.info(
+            "training %s (%s parameters, attention %s) on %d rank(s) of %s: %d steps of %d rows "
+            "(%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
+            self.job.model, f"{self.num_params:,}", self.attention, env.world_size, env.device.type, self.max_steps,
+            cfg.global_batch_size, cfg.micro_batch_size, self.accumulation, env.world_size,
+            self.sampler.steps_per_epoch,
+        )  # fmt: skip
+
+    def restore(self, plan: StartPlan) -> int:
+        """Loads the planned checkpoint; returns the last step it covers (0 for a fresh start)."""
+        if plan.action == "fresh":
+            self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main, fresh=True)
+            return 0
+        state = plan.state
+        same_world = state["world_size"] == self.env.world_size
+        seconds = load_checkpoint(Path(plan.checkpoint), model=self.model, optimizer=self.optimizer,
+                                  restore_rng=same_world)  # fmt: skip
+        self.sampler.load_state_dict(state["data"])
+        with warnings.catch_warnings():  # the schedule is replayed without optimizer steps on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(state["step"]):
+                self.scheduler.step()
+        self.eval_losses = {int(k): v for k, v in state["eval_losses"].items()}
+        self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main)
+        self.metrics.truncate_after(state["step"])
+        log.info("resumed from %s: step %d, epoch %d, row %d, loaded in %.2f s%s", plan.checkpoint, state["step"],
+                 state["data"]["epoch"], state["data"]["offset"], seconds,
+                 "" if same_world else f" (world size {state['world_size']} -> {self.env.world_size}: data position "
+                 "kept, random number generators not restored)")  # fmt: skip
+        return state["step"]
+
+    def evaluate(self, step: int) -> None:
+        loss = evaluate(self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten)
+        self.eval_losses[step] = loss
+        log.info("step %d | eval_loss %.4f", step, loss)
+        self.metrics.write({"step": step, "eval_loss": loss})
+
+    def step(self, step: int) -> None:
+        start = time.perf_counter()
+        batch = self.sampler.next_batch()
+        indices = rank_slices(batch, rank=self.env.rank, world_size=self.env.world_size,
+                              micro_batch_size=self.cfg.micro_batch_size)  # fmt: skip
+        micro_batches = [to_device(fetch(self.packed["train"], i, flatten=self.flatten), self.env.device) for i in indices]
+        result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, env=self.env,
+                            max_grad_norm=self.cfg.max_grad_norm)  # fmt: skip
+        (tokens,) = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), device=self.env.device)
+        seconds = time.perf_counter() - start
+        peak = self.peak_flops
+        record = {
+            "step": step,
+            **result,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": int(tokens),
+            "tokens_per_second": tokens / seconds,
+            "mfu": self.flops_per_token * tokens / seconds / (peak * self.env.world_size) if peak else None,
+            "epoch": self.sampler.position.epoch,
+        }
+        self.throughput.append(record["tokens_per_second"])
+        if step % self.cfg.log_every == 0 or step == self.max_steps:
+            log.info(_format(record, self.max_steps))
+            self.metrics.write(record)
+
+    def save(self, step: int, *, final: bool) -> Path:
+        state = {
+            "step": step,
+            "final": final,
+            "world_size": self.env.world_size,
+            "data": self.sampler.state_dict(),
+            "fingerprint": self.fingerprint,
+            "train": to_plain(self.cfg),
+            "eval_losses": self.eval_losses,
+            "summary": self.summary(step) if final else None,
+        }
+        path = checkpoint_dir(self.job.output_dir, step)
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, train_state=state,
+                        settings={"train": self.cfg}, upstream=self.job.packed, keep=self.cfg.keep_checkpoints)  # fmt: skip
+        return path
+
+    def summary(self, step: int) -> dict[str, Any]:
+        return {
+            "checkpoint": str(checkpoint_dir(self.job.output_dir, step)),
+            "step": step,
+            "initial_eval_loss": self.eval_losses[0],
+            "final_eval_loss": self.eval_losses[step],
+            # The first steps include warm-up (allocation, kernel selection); the median is the steady state.
+            "tokens_per_second": float(np.median(self.throughput)) if self.throughput else None,
+            "world_size": self.env.world_size,
+            "attention": self.attention,
+        }
+
+    def fit(self, first_step: int, stop: StopRequest) -> bool:
+        """Trains from ``first_step`` to the end; returns False when stopped early by a signal."""
+        if first_step == 1:
+            self.evaluate(0)
+        for step in range(first_step, self.max_steps + 1):
+            self.step(step)
+            if step == self.max_steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
+                self.evaluate(step)
+            if step == self.max_steps:
+                self.save(step, final=True)
+                return True
+            stopping = stop.agreed(self.env.device)
+            if stopping or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
+                self.save(step, final=False)
+            if stopping:
+                log.warning("received %s: saved a checkpoint at step %d; exiting with status %d, rerun to continue",
+                            stop.signal_name or "a stop signal on another rank", step, PREEMPTED_EXIT_CODE)  # fmt: skip
+                return False
+        raise AssertionError("unreachable: the loop returns at max_steps")
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss tokens (labels != -100), in fp32."""
-    logits = forward_logits(model, batch)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def num_loss_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def train_step(model, optimizer, scheduler, micro_batches, *, env: DistributedEnv, max_grad_norm) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches of a global batch; returns global loss and grad norm."""
-    (global_loss_tokens,) = all_reduce_sum(sum(num_loss_tokens(b) for b in micro_batches), device=env.device)
-    # FSDP averages gradients over ranks; scaling by world size makes the result the mean over all loss tokens.
-    scale = env.world_size / max(global_loss_tokens, 1)
-    local_loss = torch.zeros((), device=env.device)
-    for index, batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-        loss = loss_sum(model, batch)
-        (loss * scale).backward()
-        local_loss += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    (total_loss,) = all_reduce_sum(local_loss.item(), device=env.device)
-    return {"loss": total_loss / max(global_loss_tokens, 1), "grad_norm": float(grad_norm.full_tensor())}
-
-
-@torch.no_grad()
-def evaluate(model, dataset: datasets.Dataset, *, env: DistributedEnv, cfg: TrainConfig, flatten: bool) -> float:
-    """Mean token loss over the eval rows (or ``cfg.eval_max_batches`` micro-batches per rank).
-
-    Every rank runs the same number of forward passes, padding with fully masked batches, because FSDP's
-    all-gathers are collective.
-    """
-    model.eval()
-    rows_per_round = env.world_size * cfg.micro_batch_size
-    num_rounds = math.ceil(len(dataset) / rows_per_round)
-    if cfg.eval_max_batches is not None:
-        num_rounds = min(num_rounds, cfg.eval_max_batches)
-    total_loss, total_tokens = 0.0, 0
-    for round_index in range(num_rounds):
-        start = round_index * rows_per_round + env.rank * cfg.micro_batch_size
-        indices = np.arange(start, min(start + cfg.micro_batch_size, len(dataset)))
-        batch = fetch(dataset, indices if len(indices) else np.array([0]), flatten=flatten)
-        if not len(indices):
-            batch["labels"].fill_(IGNORE_INDEX)
-        total_loss += loss_sum(model, _to(batch, env.device)).item()
-        total_tokens += num_loss_tokens(batch)
-    model.train()
-    loss, tokens = all_reduce_sum(total_loss, total_tokens, device=env.device)
-    return loss / max(tokens, 1)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda" or None
-    )
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def run(job: TrainJob) -> dict[str, Any]:
-    """Trains on this rank as part of the process group given by the environment; returns the run summary."""
+def run(job: TrainJob) -> int:
+    """Trains on this rank within the process group given by the environment; returns the exit status."""
+    stop = StopRequest()
     env = init_distributed()
+    setup_logging(rank=env.rank)
     try:
-        return _run(job, env)
+        trainer = Trainer(job, env)
+        plan = _plan_on_main(job, trainer, env)
+        if plan.action == "done":
+            log.info("%s already finished with these settings; nothing to train", plan.checkpoint)
+            summary = plan.state["summary"]
+        else:
+            trainer.build()
+            if not trainer.fit(trainer.restore(plan) + 1, stop):
+                return PREEMPTED_EXIT_CODE
+            summary = trainer.summary(trainer.max_steps)
+        if env.is_main:
+            job.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            log.info("eval loss %.4f -> %.4f after %d steps; checkpoint %s", summary["initial_eval_loss"],
+                     summary["final_eval_loss"], summary["step"], summary["checkpoint"])  # fmt: skip
+        return 0
     finally:
         dist.destroy_process_group()
 
 
-def _run(job: TrainJob, env: DistributedEnv) -> dict[str, Any]:
-    setup_logging(rank=env.rank)
-    cfg = job.train
-    check_model_dir(job.model)
-    accumulation = cfg.grad_accumulation_steps(env.world_size)
-    packed = datasets.load_from_disk(job.packed)
-    sampler = GlobalBatchSampler(len(packed["train"]), global_batch_size=cfg.global_batch_size, seed=cfg.seed)
-    max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * sampler.steps_per_epoch)
-    torch.manual_seed(cfg.seed + env.rank)
-
-    attention = resolve_attention(cfg.attention, env.device)
-    flatten = attention == "flash_attention_2"
-    model = build_empty_model(job.model, attention=attention, trust_remote_code=job.trust_remote_code)
-    num_params, _ = count_parameters(model)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    apply_fsdp(model, build_mesh(env, cfg.sharding), mixed_precision=cfg.mixed_precision)
-    materialize(model, job.model, env.device)
-    model.train()
-    optimizer = build_optimizer(model, cfg, env.device)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps
-    )
-    log.info(
-        "training %s (%s parameters, attention %s) on %d rank(s) of %s: %d steps of %d rows "
-        "(%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
-        job.model, f"{num_params:,}", attention, env.world_size, env.device.type, max_steps,
-        cfg.global_batch_size, cfg.micro_batch_size, accumulation, env.world_size, sampler.steps_per_epoch,
-    )  # fmt: skip
-    metrics = MetricsLog(job.metrics_path, enabled=env.is_main, fresh=True)
-    peak = peak_flops(env.device)
-    seq_len = read_stage_config(job.packed).get("max_seq_len", 0)
-    flops = flops_per_token(model.config, num_params=num_params, seq_len=seq_len)
-
-    eval_losses = {0: evaluate(model, packed["eval"], env=env, cfg=cfg, flatten=flatten)}
-    log.info("step 0 | eval_loss %.4f", eval_losses[0])
-    metrics.write({"step": 0, "eval_loss": eval_losses[0]})
-    throughput = []
-    for step in range(1, max_steps + 1):
-        start = time.perf_counter()
-        indices = rank_slices(
-            sampler.next_batch(), rank=env.rank, world_size=env.world_size, micro_batch_size=cfg.micro_batch_size
-        )
-        micro_batches = [_to(fetch(packed["train"], i, flatten=flatten), env.device) for i in indices]
-        result = train_step(model, optimizer, scheduler, micro_batches, env=env, max_grad_norm=cfg.max_grad_norm)
-        (tokens,) = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), device=env.device)
-        seconds = time.perf_counter() - start
-        record = {
-            "step": step,
-            **result,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": int(tokens),
-            "tokens_per_second": tokens / seconds,
-            "mfu": flops * tokens / seconds / (peak * env.world_size) if peak else None,
-            "epoch": sampler.position.epoch,
-        }
-        throughput.append(record["tokens_per_second"])
-        if step % cfg.log_every == 0 or step == max_steps:
-            log.info(_format(record, max_steps))
-            metrics.write(record)
-        if step == max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            eval_losses[step] = evaluate(model, packed["eval"], env=env, cfg=cfg, flatten=flatten)
-            log.info("step %d | eval_loss %.4f", step, eval_losses[step])
-            metrics.write({"step": step, "eval_loss": eval_losses[step]})
-
-    path = checkpoint_dir(job.output_dir, max_steps)
-    train_state = {"step": max_steps, "data": sampler.state_dict(), "scheduler": scheduler.state_dict()}
-    save_checkpoint(
-        path, model=model, optimizer=optimizer, train_state=train_state, settings={"train": cfg}, upstream=job.packed
-    )
-    summary = {
-        "checkpoint": str(path),
-        "step": max_steps,
-        "initial_eval_loss": eval_losses[0],
-        "final_eval_loss": eval_losses[max_steps],
-        # The first steps include warm-up (allocation, kernel selection); the median is the steady state.
-        "tokens_per_second": float(np.median(throughput)),
-        "world_size": env.world_size,
-        "attention": attention,
-    }
+def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> StartPlan:
+    """Rank 0 inspects (and may tidy) the checkpoints; every rank gets its decision, or its error."""
+    decision: list[Any] = [None]
     if env.is_main:
-        job.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-        log.info(
-            "eval loss %.4f -> %.4f after %d steps; checkpoint %s",
-            summary["initial_eval_loss"], summary["final_eval_loss"], max_steps, path,
-        )  # fmt: skip
-    return summary
+        try:
+            decision[0] = plan_start(checkpoints_root(job.output_dir), fingerprint=trainer.fingerprint,
+                                     train=to_plain(job.train), max_steps=trainer.max_steps)  # fmt: skip
+        except ConfigError as error:
+            decision[0] = str(error)
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise ConfigError(decision[0])
+    return decision[0]
 
 
 def _format(record: dict[str, Any], max_steps: int) -> str:
@@ -267,7 +276,7 @@ def _format(record: dict[str, Any], max_steps: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", help="training job YAML written by the workflow's train rule")
-    run(TrainJob.load(parser.parse_args(argv).job))
+    sys.exit(run(TrainJob.load(parser.parse_args(argv).job)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Snakemake adapter: run the distributed training job (rule ``train``) on ``resources.tasks`` ranks."""
 
+import sys
 from pathlib import Path
 
 from vectorlm.config import TrainConfig
-from vectorlm.launch import launch_training
+from vectorlm.launch import Preempted, launch_training
 from vectorlm.log import logged_stage
+from vectorlm.preemption import PREEMPTED_EXIT_CODE
 from vectorlm.train import TrainJob
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -16,4 +18,7 @@ with logged_stage("train", sm.log[0]):
         train=TrainConfig(**sm.params.train),
         trust_remote_code=sm.params.trust_remote_code,
     )
-    launch_training(job, num_processes=sm.resources.tasks, threads=sm.threads, log_path=sm.log[0])
+    try:
+        launch_training(job, num_processes=sm.resources.tasks, threads=sm.threads, log_path=sm.log[0])
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved: rerunning (or a requeue) continues the run

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from vectorlm.data.loader import collate
 from vectorlm.data.pack import IGNORE_INDEX, best_fit_decreasing, pack_dataset, plan_packing, split_into_chunks
-from vectorlm.train import forward_logits
+from vectorlm.step import forward_logits
 
 
 def tokenized(docs: list[list[int]]) -> datasets.Dataset:

@@ -7,6 +7,7 @@ of each document's first token is -100 so that no document is trained to predict
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -22,6 +23,8 @@ from vectorlm.inputs import DataError
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the packed artifact changes shape, so Snakemake repacks (the rule passes it as a param).
+ARTIFACT_VERSION = 2  # 2: stats.json holds the content fingerprint
 IGNORE_INDEX = -100
 PACKED_FEATURES = datasets.Features(
     {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "labels", "position_ids")}
@@ -141,6 +144,19 @@ def pack_dataset(tokenized: datasets.Dataset, *, max_seq_len: int, cache_dir: st
     return packed, stats
 
 
+def fingerprint(packed: dict[str, datasets.Dataset]) -> str:
+    """A digest of the packed rows' contents: a checkpoint trained on other data is never resumed on these."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in sorted(packed):
+        digest.update(split.encode())
+        for batch in packed[split].with_format("arrow").iter(batch_size=65536):
+            for column in ("input_ids", "labels", "position_ids"):
+                values = batch[column].combine_chunks()
+                digest.update(values.value_lengths().to_numpy().tobytes())
+                digest.update(values.flatten().to_numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_pack(*, tokenized_dir: str | Path, max_seq_len: int, output_dir: str | Path) -> dict[str, Any]:
     """Packs every split of the tokenized DatasetDict into ``output_dir``; writes and returns the statistics."""
     output_dir = Path(output_dir)
@@ -153,6 +169,7 @@ def run_pack(*, tokenized_dir: str | Path, max_seq_len: int, output_dir: str | P
                 raise DataError(f"the {split} split packs into no rows: every document is shorter than 2 tokens")
             log.info("packed %s: %s", split, json.dumps(stats[split]))
         datasets.DatasetDict(splits).save_to_disk(str(output_dir))
+        stats["fingerprint"] = fingerprint(splits)
     (output_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_stage_config(output_dir, {"max_seq_len": max_seq_len}, upstream=tokenized_dir)
     return stats

@@ -17,6 +17,8 @@ from vectorlm.inputs import DataError, check_data_file, check_model_dir
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the tokenized artifact changes shape, so Snakemake re-tokenizes (the rule passes it as a param).
+ARTIFACT_VERSION = 1
 TOKEN_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 
 

@@ -1,0 +1,95 @@
+"""Deciding how a training run starts: fresh, resumed from the newest valid checkpoint, or already finished.
+
+Rules (also in docs/config.md, "Resuming"):
+
+- An interrupted run (its newest checkpoint is not final) resumes when the model, the packed data (which covers
+  ``max_seq_len`` and the data settings) and ``train.seed`` (the data order) are unchanged. Any other setting may
+  change, e.g. ``train.lr`` or ``train.max_steps``; the log lists what changed. Otherwise it refuses.
+- A finished run (its newest checkpoint is the final one) with the same settings is done: nothing is trained again.
+  With a higher ``train.max_steps`` and otherwise the same settings it continues training. With any other change it
+  is a new experiment in the same ``output_dir``: the old checkpoints move to ``checkpoints/archive/<time>/`` and
+  training starts anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vectorlm.checkpoint import archive_checkpoints, latest_valid_checkpoint
+from vectorlm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Settings that say how long to train or how often to look, not what training computes.
+SCHEDULE_ONLY = {"max_steps", "num_epochs", "eval_every", "eval_max_batches", "log_every", "checkpoint_every",
+                 "keep_checkpoints"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    action: str  # "fresh", "resume" or "done"
+    checkpoint: str | None = None
+    state: dict[str, Any] | None = None
+
+
+def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int) -> dict[str, Any]:
+    """What must not change for a checkpoint to be resumed: the model's architecture, the packed data, the seed."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for volatile in ("transformers_version", "use_cache", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    stats = json.loads((Path(packed_dir) / "stats.json").read_text())
+    if "fingerprint" not in stats:
+        raise ValueError(f"{packed_dir} was packed by an older version; repack it (snakemake --forcerun pack)")
+    return {
+        "model_config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+        "data": stats["fingerprint"],
+        "max_seq_len": stats["max_seq_len"],
+        "seed": seed,
+    }
+
+
+def plan_start(root: Path, *, fingerprint: dict[str, Any], train: dict[str, Any], max_steps: int) -> StartPlan:
+    """Looks at the checkpoints under ``root`` and decides how to start (main process only; may move files)."""
+    for partial in root.glob(".step_*.partial"):
+        shutil.rmtree(partial)
+        log.warning("removed %s, left by a save that did not finish", partial)
+    found = latest_valid_checkpoint(root)
+    if found is None:
+        return StartPlan("fresh")
+    path, state = found
+    # A checkpoint without these records (written before they existed) counts as a finished run with other settings.
+    old_fingerprint, old_train = state.get("fingerprint", {}), state.get("train", {})
+    mismatched = [k for k, v in fingerprint.items() if old_fingerprint.get(k) != v]
+    changed = {k: (old_train.get(k), v) for k, v in train.items() if old_train.get(k) != v}
+    described = ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changed.items())
+    if state.get("final", True):
+        if mismatched or set(changed) - SCHEDULE_ONLY or state["step"] > max_steps:
+            archive = archive_checkpoints(root)
+            why = ", ".join(mismatched) + (", " if mismatched and described else "") + described
+            if "fingerprint" not in state:
+                why = "written by an older version of vectorlm"
+            log.warning("%s is a finished run with other settings (%s); moved its checkpoints to %s and training "
+                        "anew", root, why or f"train.max_steps below {state['step']}", archive)  # fmt: skip
+            return StartPlan("fresh")
+        if state["step"] == max_steps:
+            return StartPlan("done", str(path), state)
+        log.info("continuing the finished run %s from step %d to train.max_steps %d", path, state["step"], max_steps)
+        return StartPlan("resume", str(path), state)
+    if mismatched:
+        details = "; ".join(f"{k}: {old_fingerprint.get(k)} -> {fingerprint[k]}" for k in mismatched)
+        raise ConfigError(
+            f"refusing to resume from {path}: the run was interrupted, and since then {', '.join(mismatched)} "
+            f"changed ({details}). Restore the settings to continue it, or remove {root} (or choose another "
+            "output_dir) to train anew."
+        )
+    if state["step"] >= max_steps:
+        raise ConfigError(f"refusing to resume from {path}: its step {state['step']} is not below train.max_steps "
+                          f"({max_steps}); raise train.max_steps or remove {root}")  # fmt: skip
+    log.info("resuming from %s (step %d)%s", path, state["step"], f" with changed settings: {described}" if changed else "")
+    return StartPlan("resume", str(path), state)
