@@ -7,6 +7,7 @@ from vectorlm.config import Config, to_plain
 from vectorlm.data.pack import ARTIFACT_VERSION as pack_artifact_version
 from vectorlm.data.tokenize import ARTIFACT_VERSION as tokenize_artifact_version
 from vectorlm.inputs import check_inputs
+from vectorlm.placement import check_train_resources
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.
 EXAMPLE_MODEL = "resources/tiny-llama"
@@ -46,6 +47,12 @@ def get_convert_params():
         "smoke_test": CFG.export.smoke_test,
         "smoke_test_prompt": CFG.export.smoke_test_prompt,
     }
+
+
+def check_train_resources_now(rule):
+    """The train rule's resources as set by the rule, a profile or --set-resources, checked for sense."""
+    raw = {name: resource.raw for name, resource in rule.resources.items()}
+    check_train_resources(raw, train=CFG.train, threads=raw["_cores"])
 
 
 def report_summary():

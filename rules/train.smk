@@ -9,10 +9,19 @@ rule train:
         out("logs/train.log"),
     threads: 2
     resources:
-        # Ranks of the job. Locally: processes on this machine (gloo on CPU, one per GPU otherwise).
+        # Ranks of the job (one per GPU). Locally: processes on this machine; under SLURM, one srun step over
+        # `nodes` nodes (profiles/slurm sets nodes, GPUs, CPUs, memory and runtime; docs/slurm.md).
         tasks=2,
+        nodes=1,
+        # Tells the SLURM plugin to run the job script in the allocation itself: it calls srun for the ranks.
+        mpi="srun",
     params:
         train=get_train_params(),
         trust_remote_code=CFG.trust_remote_code,
     script:
         "../workflow_scripts/train.py"
+
+
+# Resources that cannot work (e.g. ranks not divisible by nodes, hybrid sharding on one node) fail here, before any
+# job is submitted.
+check_train_resources_now(rules.train.rule)

@@ -54,15 +54,20 @@ def packed_dir(tmp_path_factory, tiny_model_dir, corpus_rows) -> Path:
     return root / "packed"
 
 
-def run_training(output_dir: Path, model_dir: Path, packed: Path, *, num_processes: int = 2, **train) -> dict:
-    """Runs a real training job on ``num_processes`` local ranks; returns its summary and metric records."""
+def run_training(
+    output_dir: Path, model_dir: Path, packed: Path, *, num_processes: int = 2, nodes: int = 1, **train
+) -> dict:
+    """Runs a real training job on ``num_processes`` local ranks (over ``nodes`` simulated nodes); returns its
+    summary and metric records."""
     from vectorlm.config import TrainConfig
     from vectorlm.launch import launch_training
+    from vectorlm.placement import Placement
     from vectorlm.train import TrainJob
 
     job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    launch_training(job, num_processes=num_processes, threads=2, log_path=output_dir / "logs" / "train.log")
+    placement = Placement(num_processes, nodes, max(1, 2 // num_processes))
+    launch_training(job, placement=placement, log_path=output_dir / "logs" / "train.log")
     records = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
     return {
         "summary": json.loads(job.summary_path.read_text()),

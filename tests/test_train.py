@@ -43,6 +43,21 @@ def test_one_rank_and_two_ranks_train_identically(two_rank_run, tmp_path, tiny_m
     assert one["summary"]["final_eval_loss"] == pytest.approx(two_rank_run["summary"]["final_eval_loss"], rel=1e-5)
 
 
+def test_hybrid_sharding_over_two_simulated_nodes(tmp_path, tiny_model_dir, packed_dir):
+    """4 gloo ranks as 2 nodes x 2: shard within a node, replicate across nodes, with 2 micro-steps per step (the
+    cross-node all-reduce only on the last); the same arithmetic as full sharding on 2 ranks (4 micro-steps)."""
+    accumulating = {**EXACT, "global_batch_size": 16}
+    full = run_training(tmp_path / "full", tiny_model_dir, packed_dir, **accumulating)
+    hybrid = run_training(tmp_path / "hybrid", tiny_model_dir, packed_dir, num_processes=4, nodes=2,
+                          sharding="hybrid", **accumulating)  # fmt: skip
+    log = (tmp_path / "hybrid" / "logs" / "train.log").read_text()
+    assert "hybrid sharding over mesh {'replicate': 2, 'shard': 2}" in log and "x 2 micro-steps x 4 ranks" in log
+    np.testing.assert_allclose([s["loss"] for s in hybrid["steps"]], [s["loss"] for s in full["steps"]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [s["grad_norm"] for s in hybrid["steps"]], [s["grad_norm"] for s in full["steps"]], rtol=1e-4
+    )
+
+
 @pytest.mark.parametrize("variant", [{"sharding": "none"}, {"activation_checkpointing": True}])
 def test_replication_and_activation_checkpointing_change_nothing(variant, two_rank_run, tmp_path, tiny_model_dir, packed_dir):
     run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, **variant})

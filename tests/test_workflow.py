@@ -112,14 +112,22 @@ def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
     assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"convert_hf", "all"}
 
 
-def test_indivisible_batch_fails_in_train_and_keeps_upstream_artifacts(finished_run):
-    workdir, _ = finished_run
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        (["train:tasks=3"], "must be divisible by train.micro_batch_size (2) x world size (3) = 6"),
+        (["train:tasks=3", "train:nodes=2"], "resources: train tasks (3) must be divisible by nodes (2)"),
+        (["train:gres='gpu:2'"], "resources: train needs tasks_per_gpu: 1 with GPUs"),
+    ],
+)
+def test_resources_that_cannot_work_fail_before_any_job(finished_run, resources, message):
+    workdir, config = finished_run
     edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
-    result = snakemake(workdir, f"--configfile={edited}", "--set-resources=train:tasks=3", "all")
+    result = snakemake(workdir, f"--configfile={edited}", "--set-resources", *resources, "--", "all")
     assert result.returncode != 0
-    log = (workdir / "results" / "tiny-test" / "logs" / "train.log").read_text()
-    assert "must be divisible by train.micro_batch_size (2) x world size (3) = 6" in log
-    assert (workdir / "results" / "tiny-test" / "packed" / "dataset_dict.json").is_file()
+    assert message in result.stdout + result.stderr
+    assert "Job stats" not in result.stdout + result.stderr
+    assert (workdir / "results" / "tiny-test" / "hf_model" / "config.json").is_file()
 
 
 def test_killed_run_resumes_after_unlock_and_ends_with_the_same_model(finished_run, tmp_path, corpus_rows):
@@ -132,11 +140,13 @@ def test_killed_run_resumes_after_unlock_and_ends_with_the_same_model(finished_r
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "results" / "tiny-test" / "train" / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while not (metrics.is_file() and '"step": 5,' in metrics.read_text()):
-        assert process.poll() is None and time.monotonic() < deadline, "training did not reach step 5"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        while not (metrics.is_file() and '"step": 5,' in metrics.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not reach step 5"
+            time.sleep(0.05)
+    finally:  # the kill under test, and the clean-up when the wait fails
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
     assert snakemake(tmp_path, f"--configfile={config}", "all").returncode != 0  # the killed run left its lock
     assert snakemake(tmp_path, f"--configfile={config}", "--unlock").returncode == 0

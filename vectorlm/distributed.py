@@ -32,13 +32,20 @@ class DistributedEnv:
 def init_distributed() -> DistributedEnv:
     """Joins the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 
-    Uses NCCL with one GPU per rank when CUDA is available, else gloo on CPU.
+    Ranks started by ``srun`` have SLURM's variables instead, which submitit translates. Uses NCCL with one GPU per
+    rank when CUDA is available (the local rank's GPU among those visible: all of the node's, or only its own when
+    SLURM binds GPUs to tasks), else gloo on CPU.
     """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads SLURM's variables only when told so
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:

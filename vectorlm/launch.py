@@ -1,10 +1,16 @@
 """Starting the ranks of a training job: the one place that decides how processes are launched.
 
-Locally, :func:`run_local_ranks` starts one ``python -m vectorlm.train`` process per rank with the environment
+Inside a SLURM allocation (the train rule's batch job, or an ``salloc`` shell) the ranks are one ``srun`` step that
+spans the allocated nodes, one task per GPU; each rank takes its torch.distributed settings from SLURM's variables
+(see :func:`vectorlm.distributed.init_distributed`), so there is no rendezvous across nodes.
+
+Elsewhere, :func:`run_local_ranks` starts one ``python -m vectorlm.train`` process per rank with the environment
 torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...). It is not torchrun because torchrun answers
 SIGTERM by killing its workers after 30 seconds, whereas a rank told to stop must be allowed to finish its step and
-write a checkpoint, however long that takes. The launcher forwards stop signals to every rank, streams their output
-to the log and stderr, and when one rank fails it stops the others rather than leaving them blocked in a collective.
+write a checkpoint, however long that takes.
+
+Either way the launcher forwards stop signals to the ranks, streams their output to the log and stderr, and when one
+rank fails the others are stopped rather than left blocked in a collective.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from vectorlm.config import ConfigError
+from vectorlm.placement import Placement
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 from vectorlm.train import TrainJob
 
@@ -32,26 +42,33 @@ class Preempted(RuntimeError):
     """The ranks stopped on a signal after saving a checkpoint; rerunning continues the run."""
 
 
+def in_slurm_allocation() -> bool:
+    """True in a SLURM job's batch script or an salloc shell, where ``srun`` starts tasks; False inside a step."""
+    return "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" not in os.environ
+
+
+def srun_command(command: list[str], placement: Placement) -> list[str]:
+    return [
+        "srun", f"--nodes={placement.nodes}", f"--ntasks={placement.ranks}",
+        f"--ntasks-per-node={placement.ranks_per_node}", f"--cpus-per-task={placement.cpus_per_rank}",
+        "--kill-on-bad-exit=1", *command,
+    ]  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_local_ranks(command: list[str], *, num_processes: int, env: dict[str, str], output: Callable[[str], None]) -> int:
-    """Runs ``command`` as ranks 0..num_processes-1 of one process group on this machine.
+def run_processes(commands: list[tuple[list[str], dict[str, str]]], *, output: Callable[[str], None]) -> int:
+    """Runs the (command, environment) pairs together, as the ranks of one job.
 
-    Returns 0 when every rank succeeded, 75 when they stopped on a signal with a checkpoint, else the first failing
-    rank's status (128 + N for a rank killed by signal N).
+    Returns 0 when every process succeeded, 75 when they stopped on a signal with a checkpoint, else the first failing
+    process's status (128 + N for one killed by signal N).
     """
-    common = {**env, "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes),
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
     read_end, write_end = os.pipe()
-    ranks = [
-        subprocess.Popen(command, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=write_end,
-                         stderr=write_end)  # fmt: skip
-        for r in range(num_processes)
-    ]
+    ranks = [subprocess.Popen(command, env=env, stdout=write_end, stderr=write_end) for command, env in commands]
     os.close(write_end)
 
     def pump() -> None:
@@ -83,6 +100,16 @@ def run_local_ranks(command: list[str], *, num_processes: int, env: dict[str, st
     return next(s for s in statuses if s not in (0, PREEMPTED_EXIT_CODE))
 
 
+def local_rank_commands(command: list[str], placement: Placement, env: dict[str, str]) -> list[tuple[list[str], dict]]:
+    """One process per rank on this machine; ``placement.nodes`` > 1 simulates nodes (for testing hybrid sharding)."""
+    common = {**env, "WORLD_SIZE": str(placement.ranks), "LOCAL_WORLD_SIZE": str(placement.ranks_per_node),
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    return [
+        (command, {**common, "RANK": str(r), "LOCAL_RANK": str(r % placement.ranks_per_node)})
+        for r in range(placement.ranks)
+    ]
+
+
 def _wait(ranks: list[subprocess.Popen]) -> list[int]:
     failed_at = None
     while any(rank.poll() is None for rank in ranks):
@@ -97,21 +124,33 @@ def _wait(ranks: list[subprocess.Popen]) -> list[int]:
     return [r.returncode if r.returncode >= 0 else 128 - r.returncode for r in ranks]
 
 
-def launch_training(job: TrainJob, *, num_processes: int, threads: int, log_path: str | Path) -> None:
-    """Writes ``job`` next to its outputs and runs it on ``num_processes`` ranks sharing ``threads`` CPU threads.
+def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path) -> None:
+    """Writes ``job`` next to its outputs and runs its ranks: one srun step inside a SLURM allocation, else local
+    processes.
 
     Raises:
-        ConfigError: when the global batch cannot be split over ``num_processes`` ranks (before any rank starts).
+        ConfigError: when the global batch cannot be split over the ranks, or nodes are asked for outside SLURM with a
+            GPU (before any rank starts).
         Preempted: when the ranks stopped on a signal after checkpointing.
         RuntimeError: when the ranks fail, naming the exit status and the log to read.
     """
-    job.train.grad_accumulation_steps(num_processes)
+    job.train.grad_accumulation_steps(placement.ranks)
     job_file = Path(job.output_dir) / "train" / "job.yaml"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job.save(job_file)
     command = [sys.executable, "-m", "vectorlm.train", str(job_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // num_processes))}
-    log.info("launching %d rank(s): %s", num_processes, " ".join(command))
+    env = {**os.environ, "OMP_NUM_THREADS": str(placement.cpus_per_rank)}
+    if in_slurm_allocation():
+        processes = [(srun_command(command, placement), env)]
+        where = f"srun in SLURM job {os.environ['SLURM_JOB_ID']}"
+    else:
+        if placement.nodes > 1 and torch.cuda.is_available():
+            raise ConfigError("resources: train nodes > 1 needs a SLURM allocation (locally it only simulates nodes "
+                              "on CPU, for tests)")  # fmt: skip
+        processes = local_rank_commands(command, placement, env)
+        where = "local processes"
+    log.info("launching %d rank(s) on %d node(s) with %s: %s", placement.ranks, placement.nodes, where,
+             " ".join(processes[0][0]))  # fmt: skip
     with open(log_path, "a") as log_file:
 
         def output(line: str) -> None:
@@ -119,7 +158,7 @@ def launch_training(job: TrainJob, *, num_processes: int, threads: int, log_path
             log_file.flush()
             sys.stderr.write(line)
 
-        status = run_local_ranks(command, num_processes=num_processes, env=env, output=output)
+        status = run_processes(processes, output=output)
     if status == PREEMPTED_EXIT_CODE:
         raise Preempted(f"training stopped on a signal after saving a checkpoint; rerun to continue (see {log_path})")
     if status != 0:
@@ -134,13 +173,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("job", help="training job YAML (the train rule writes one to {output_dir}/train/job.yaml)")
-    parser.add_argument("--ranks", type=int, default=1, help="number of local ranks")
+    parser.add_argument("--ranks", type=int, default=1, help="number of ranks")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes they span (simulated locally, for tests)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     parser.add_argument("--log", required=True, help="file the ranks' output is appended to")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        launch_training(TrainJob.load(args.job), num_processes=args.ranks, threads=args.threads, log_path=args.log)
+        placement = Placement(args.ranks, args.nodes, max(1, args.threads // args.ranks))
+        launch_training(TrainJob.load(args.job), placement=placement, log_path=args.log)
     except Preempted as stopped:
         log.warning("%s", stopped)
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -44,14 +44,25 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(model, optimizer, scheduler, micro_batches, *, env: DistributedEnv, max_grad_norm) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches of a global batch; returns global loss and grad norm."""
+def train_step(
+    model, optimizer, scheduler, micro_batches, *, env: DistributedEnv, max_grad_norm, hybrid: bool = False
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches of a global batch; returns global loss and grad norm.
+
+    Gradients are only reduced on the last micro-step. With hybrid sharding, only the all-reduce across nodes waits
+    for it: the reduce-scatter inside a node (fast links) still runs every micro-step, so gradients stay sharded
+    instead of holding an unsharded copy of the model's gradients.
+    """
     (global_loss_tokens,) = all_reduce_sum(sum(num_loss_tokens(b) for b in micro_batches), device=env.device)
     # FSDP averages gradients over ranks; scaling by world size makes the result the mean over all loss tokens.
     scale = env.world_size / max(global_loss_tokens, 1)
     local_loss = torch.zeros((), device=env.device)
     for index, batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        last = index == len(micro_batches) - 1
+        if hybrid:
+            model.set_requires_all_reduce(last)
+        else:
+            model.set_requires_gradient_sync(last)
         loss = loss_sum(model, batch)
         (loss * scale).backward()
         local_loss += loss.detach()

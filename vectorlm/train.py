@@ -14,6 +14,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import socket
 import sys
 import time
 import warnings
@@ -103,7 +105,8 @@ class Trainer:
         self.num_params, _ = count_parameters(model)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
-        apply_fsdp(model, build_mesh(env, cfg.sharding), mixed_precision=cfg.mixed_precision)
+        mesh = build_mesh(env, cfg.sharding)
+        apply_fsdp(model, mesh, mixed_precision=cfg.mixed_precision)
         materialize(model, self.job.model, env.device)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg, env.device)
@@ -115,9 +118,10 @@ class Trainer:
         )
         self.peak_flops = peak_flops(env.device)
         log.info(
-            "training %s (%s parameters, attention %s) on %d rank(s) of %s: %d steps of %d rows "
-            "(%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
-            self.job.model, f"{self.num_params:,}", self.attention, env.world_size, env.device.type, self.max_steps,
+            "training %s (%s parameters, attention %s) on %d rank(s) of %s, %s sharding over mesh %s: %d steps of %d "
+            "rows (%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
+            self.job.model, f"{self.num_params:,}", self.attention, env.world_size, env.device.type, cfg.sharding,
+            dict(zip(mesh.mesh_dim_names, mesh.shape)), self.max_steps,
             cfg.global_batch_size, cfg.micro_batch_size, self.accumulation, env.world_size,
             self.sampler.steps_per_epoch,
         )  # fmt: skip
@@ -158,7 +162,7 @@ class Trainer:
                               micro_batch_size=self.cfg.micro_batch_size)  # fmt: skip
         micro_batches = [to_device(fetch(self.packed["train"], i, flatten=self.flatten), self.env.device) for i in indices]
         result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, env=self.env,
-                            max_grad_norm=self.cfg.max_grad_norm)  # fmt: skip
+                            max_grad_norm=self.cfg.max_grad_norm, hybrid=self.cfg.sharding == "hybrid")  # fmt: skip
         (tokens,) = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), device=self.env.device)
         seconds = time.perf_counter() - start
         peak = self.peak_flops
@@ -231,6 +235,7 @@ def run(job: TrainJob) -> int:
     env = init_distributed()
     setup_logging(rank=env.rank)
     try:
+        _log_placement(env)
         trainer = Trainer(job, env)
         plan = _plan_on_main(job, trainer, env)
         if plan.action == "done":
@@ -248,6 +253,17 @@ def run(job: TrainJob) -> int:
         return 0
     finally:
         dist.destroy_process_group()
+
+
+def _log_placement(env: DistributedEnv) -> None:
+    """Where every rank runs (host, device, visible GPUs): the first thing to check on a new cluster."""
+    mine = f"{socket.gethostname()}:{env.device}(local rank {env.local_rank}"
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        mine += f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}"
+    mine += ")"
+    everyone: list[Any] = [None] * env.world_size
+    dist.all_gather_object(everyone, mine)
+    log.info("ranks: %s", ", ".join(f"{rank}@{where}" for rank, where in enumerate(everyone)))
 
 
 def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> StartPlan:

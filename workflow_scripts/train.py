@@ -6,6 +6,7 @@ from pathlib import Path
 from vectorlm.config import TrainConfig
 from vectorlm.launch import Preempted, launch_training
 from vectorlm.log import logged_stage
+from vectorlm.placement import check_train_resources
 from vectorlm.preemption import PREEMPTED_EXIT_CODE
 from vectorlm.train import TrainJob
 
@@ -18,7 +19,8 @@ with logged_stage("train", sm.log[0]):
         train=TrainConfig(**sm.params.train),
         trust_remote_code=sm.params.trust_remote_code,
     )
+    placement = check_train_resources(dict(sm.resources.items()), train=job.train, threads=sm.threads)
     try:
-        launch_training(job, num_processes=sm.resources.tasks, threads=sm.threads, log_path=sm.log[0])
+        launch_training(job, placement=placement, log_path=sm.log[0])
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved: rerunning (or a requeue) continues the run
