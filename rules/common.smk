@@ -31,7 +31,10 @@ def get_data_files(wildcards):
 
 
 def get_data_params():
-    return to_plain(CFG.data)
+    """What tokenize uses of data.*: packing and chunk_overlap belong to pack, so they do not re-tokenize."""
+    data = to_plain(CFG.data)
+    del data["packing"], data["chunk_overlap"]
+    return data
 
 
 def get_train_params():

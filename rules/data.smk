@@ -25,6 +25,8 @@ rule pack:
         out("logs/pack.log"),
     params:
         max_seq_len=CFG.max_seq_len,
+        packing=CFG.data.packing,
+        chunk_overlap=CFG.data.chunk_overlap,
         artifact_version=pack_artifact_version,
     script:
         "../workflow_scripts/pack.py"

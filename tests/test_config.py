@@ -126,3 +126,31 @@ def test_load_config_round_trip(tmp_path):
     config = load_config(path)
     assert config.train.lr == 0.1 and config.train.betas == (0.8, 0.9)
     assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"prompt_field": "q"}, "data.prompt_field and data.response_field go together"),
+        ({"messages_field": "m", "separator": "###"}, "choose one kind of instruction data; got data.messages_field and data.separator"),
+        ({"chat_template": "{{ x }}"}, "data.chat_template renders chat rows: it needs data.messages_field"),
+        ({"chunk_overlap": 32}, r"data.chunk_overlap \(32\) must be below half of max_seq_len \(64\)"),
+    ],
+)
+def test_data_options_that_contradict_each_other(data, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(with_("data", **data))
+
+
+@pytest.mark.parametrize(
+    ("data", "mode", "fields"),
+    [
+        ({}, "text", {"text": "data.text_field"}),
+        ({"separator": "###", "text_field": "body"}, "separator", {"body": "data.text_field"}),
+        ({"prompt_field": "q", "response_field": "a"}, "prompt_response", {"q": "data.prompt_field", "a": "data.response_field"}),
+        ({"messages_field": "conv"}, "messages", {"conv": "data.messages_field"}),
+    ],
+)
+def test_data_mode_and_the_fields_it_reads(data, mode, fields):
+    config = Config.from_dict(with_("data", **data))
+    assert config.data.mode == mode and config.data.fields == fields

@@ -1,11 +1,10 @@
-import json
 import shutil
 
 import pytest
 
 from tests.conftest import write_jsonl
-from vectorlm.config import ConfigError
-from vectorlm.inputs import DataError, check_data_file, check_first_row, check_max_seq_len, check_model_dir
+from vectorlm.config import Config, ConfigError
+from vectorlm.inputs import DataError, check_inputs, check_max_seq_len, check_model_dir
 
 
 def test_model_dir_checks(tmp_path, tiny_model_dir):
@@ -28,21 +27,11 @@ def test_max_seq_len_limit(tiny_model_dir):
         check_max_seq_len(513, tiny_model_dir)
 
 
-def test_data_file_checks(tmp_path):
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"config key data\.eval: .*data\.csv has unsupported extension '\.csv'"):
-        check_data_file(tmp_path / "data.csv", key="data.eval")
-
-
-def test_first_row_checks(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('\n{"text": "ok"\n')
-    with pytest.raises(DataError, match=r"d\.jsonl line 2 is not valid JSON"):
-        check_first_row(path, text_field="text")
-    write_jsonl(path, [["a", "list"]])
-    with pytest.raises(DataError, match="line 1 is not a JSON object"):
-        check_first_row(path, text_field="text")
-    path.write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"line 1 has no field 'text' \(config key data\.text_field\); fields found: content"):
-        check_first_row(path, text_field="text")
-    check_first_row(path, text_field="content")
+def test_inputs_are_checked_before_any_job(tmp_path, tiny_model_dir, corpus_rows):
+    config = Config.from_dict({"model": str(tiny_model_dir), "output_dir": "o", "max_seq_len": 64,
+                               "data": {"train": str(write_jsonl(tmp_path / "d.jsonl", corpus_rows[:3]))}})  # fmt: skip
+    check_inputs(config)
+    prompts = Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "prompt_field": "q",
+                                                              "response_field": "a"}})  # fmt: skip
+    with pytest.raises(DataError, match=r"rows have no field 'q' \(config key data\.prompt_field\); fields found: text"):
+        check_inputs(prompts)

@@ -171,7 +171,9 @@ BAD_INPUTS = [
     ({"data": {"train": "missing.jsonl"}}, "config key data.train: data file missing.jsonl does not exist"),
     ({"train": {"learning_rate": 0.1}}, "unknown config key train.learning_rate"),
     ({"train": {"lr": "fast"}}, "config key train.lr: 'fast' is not of type 'number'"),
-    ({"data": {"train": "corpus.jsonl", "text_field": "body"}}, "line 1 has no field 'body' (config key data.text_field)"),
+    ({"data": {"train": "corpus.jsonl", "text_field": "body"}}, "rows have no field 'body' (config key data.text_field)"),
+    ({"data": {"train": "corpus.csv"}}, "corpus.csv: unsupported data format '.csv'"),
+    ({"data": {"train": "corpus.jsonl", "prompt_field": "q", "response_field": "a"}}, "rows have no field 'q' (config key data.prompt_field)"),
     ({"data": {"train": "empty.jsonl"}}, "config key data.train: data file empty.jsonl is empty"),
     ({"data": {"train": "blank.jsonl"}}, "config key data.train: data file blank.jsonl has no rows"),
     ({"max_seq_len": 100000}, "config key max_seq_len: 100000 is above the model's max_position_embeddings (1024)"),
@@ -183,6 +185,7 @@ BAD_INPUTS = [
 def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, message):
     workdir, _ = finished_run
     (workdir / "empty.jsonl").write_text("")
+    (workdir / "corpus.csv").write_text("text\nhello\n")
     (workdir / "blank.jsonl").write_text("\n\n")
     config = write_config(workdir, {**TINY, **change}, "bad.yaml")
     result = snakemake(workdir, f"--configfile={config}", "all")

@@ -30,13 +30,48 @@ class DataConfig:
     train: str
     eval: str | None = None
     eval_fraction: float = 0.05
+    split: str | None = None
     text_field: str = "text"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
+    chat_template: str | None = None
+    separator: str | None = None
+    packing: bool = True
+    chunk_overlap: int = 0
     split_seed: int = 0
     tokenize_batch_size: int = 1000
 
     def __post_init__(self) -> None:
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ConfigError("data.prompt_field and data.response_field go together: set both or neither")
+        chosen = [key for key, value in (("data.messages_field", self.messages_field),
+                                         ("data.prompt_field/response_field", self.prompt_field),
+                                         ("data.separator", self.separator)) if value is not None]  # fmt: skip
+        if len(chosen) > 1:
+            raise ConfigError(f"choose one kind of instruction data; got {' and '.join(chosen)}")
+        if self.chat_template is not None and self.messages_field is None:
+            raise ConfigError("data.chat_template renders chat rows: it needs data.messages_field")
+
+    @property
+    def mode(self) -> str:
+        """text, prompt_response, messages or separator: what the rows hold and where the loss goes."""
+        if self.messages_field is not None:
+            return "messages"
+        if self.prompt_field is not None:
+            return "prompt_response"
+        return "separator" if self.separator is not None else "text"
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The columns the rows must have, each with the config key that names it."""
+        if self.mode == "messages":
+            return {self.messages_field: "data.messages_field"}
+        if self.mode == "prompt_response":
+            return {self.prompt_field: "data.prompt_field", self.response_field: "data.response_field"}
+        return {self.text_field: "data.text_field"}
 
 
 @dataclass(frozen=True)
@@ -112,6 +147,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data.chunk_overlap >= self.max_seq_len // 2:
+            raise ConfigError(f"data.chunk_overlap ({self.data.chunk_overlap}) must be below half of max_seq_len "
+                              f"({self.max_seq_len})")  # fmt: skip
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:

@@ -171,7 +171,11 @@ def convert_hf(
     except OSError:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    chat_template = read_stage_config(consolidated).get("data", {}).get("chat_template")
+    if chat_template is not None:  # the template training used, so that inference formats prompts the same way
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(output_dir)
     if trust_remote_code:
         for code in model_dir.glob("*.py"):
             shutil.copy2(code, output_dir / code.name)
@@ -184,12 +188,17 @@ def convert_hf(
 
 
 def smoke_test(model_dir: str | Path, *, prompt: str, trust_remote_code: bool = False, num_tokens: int = 24) -> str:
-    """Loads the exported model as a user would and greedily continues ``prompt``; returns the text."""
+    """Loads the exported model as a user would and greedily continues ``prompt`` (as a user turn through the chat
+    template when the tokenizer has one); returns the text."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)  # fmt: skip
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=num_tokens, do_sample=False)
-    text = tokenizer.decode(output[0], skip_special_tokens=True)
-    log.info("smoke test: %r -> %r", prompt, text)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    log.info("smoke test: %r -> %r", prompt, text)  # the continuation only
     return text

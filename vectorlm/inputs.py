@@ -11,9 +11,6 @@ from pathlib import Path
 
 from vectorlm.config import Config, ConfigError
 
-DATA_SUFFIXES = (".jsonl",)
-
-
 class DataError(ValueError):
     """A problem with the user's data: a missing file, a missing field, a bad row."""
 
@@ -49,38 +46,6 @@ def check_max_seq_len(max_seq_len: int, model_dir: str | Path) -> None:
         )
 
 
-def check_data_file(path: str | Path, *, key: str = "data.train") -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"config key {key}: data file {path} does not exist")
-    if path.suffix not in DATA_SUFFIXES:
-        raise DataError(f"config key {key}: {path} has unsupported extension {path.suffix!r} (supported: .jsonl)")
-    if path.stat().st_size == 0:
-        raise DataError(f"config key {key}: data file {path} is empty")
-    return path
-
-
-def check_first_row(path: str | Path, *, text_field: str, key: str = "data.train") -> None:
-    """Reads the first row of a ``.jsonl`` file to catch a wrong ``data.text_field`` before any job starts."""
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                break
-        else:
-            raise DataError(f"config key {key}: data file {path} has no rows")
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"config key {key}: {path} line {number} is not valid JSON: {error}") from error
-    if not isinstance(row, dict):
-        raise DataError(f"config key {key}: {path} line {number} is not a JSON object")
-    if text_field not in row:
-        raise DataError(
-            f"{path} line {number} has no field {text_field!r} (config key data.text_field); "
-            f"fields found: {', '.join(row)}"
-        )
-
-
 def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
     """Everything that can be checked before a job starts.
 
@@ -89,10 +54,11 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         model_will_be_built: the model directory is the output of a workflow rule (the example model), so it may not
             exist yet and its limits are checked by the stages instead.
     """
+    from vectorlm.data.sources import check_source  # sources imports this module's DataError
+
     for key, path in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         if path is not None:
-            check_data_file(path, key=key)
-            check_first_row(path, text_field=config.data.text_field, key=key)
+            check_source(path, key=key, fields=config.data.fields, split=config.data.split)
     if model_will_be_built and not Path(config.model).exists():
         return
     check_model_dir(config.model)

@@ -32,6 +32,7 @@ from transformers import get_scheduler
 
 from vectorlm.checkpoint import checkpoint_dir, checkpoints_root, load_checkpoint, save_checkpoint
 from vectorlm.config import ConfigError, TrainConfig, to_plain
+from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import GlobalBatchSampler, fetch, rank_slices
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, build_mesh, init_distributed
 from vectorlm.inputs import check_model_dir
@@ -87,8 +88,10 @@ class Trainer:
         check_model_dir(job.model)
         self.accumulation = self.cfg.grad_accumulation_steps(env.world_size)
         self.packed = datasets.load_from_disk(job.packed)
+        packing = json.loads((Path(job.packed) / "stats.json").read_text()).get("packing", True)
+        lengths = None if packing else list_lengths(self.packed["train"])
         self.sampler = GlobalBatchSampler(
-            len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed
+            len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed, lengths=lengths
         )
         self.max_steps = self.cfg.max_steps or math.ceil(self.cfg.num_epochs * self.sampler.steps_per_epoch)
         self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed)

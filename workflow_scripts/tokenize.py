@@ -8,7 +8,7 @@ sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logged_stage("tokenize", sm.log[0]):
     run_tokenize(
         model_dir=sm.input.model,
-        data=DataConfig(**sm.params.data),
+        data=DataConfig(**sm.params.data),  # packing and chunk_overlap are pack's: defaults here
         output_dir=sm.output.tokenized,
         trust_remote_code=sm.params.trust_remote_code,
     )

@@ -1,8 +1,10 @@
-"""Regenerate the example corpus shipped beside this file (``corpus.jsonl``).
+"""Regenerate the example corpora shipped beside this file: ``corpus.jsonl`` (text) and ``chat.jsonl`` (chat).
 
 The corpus is small, synthetic and license-free: short stories written from templates, with enough regularity that a
 tiny randomly initialised model visibly learns it in a few hundred steps on a laptop CPU, and enough variety in
-document length to exercise packing. Run ``python examples/tiny/make_corpus.py`` to rebuild it deterministically.
+document length to exercise packing. ``chat.jsonl`` asks for the same kind of stories in conversations, for
+``config/chat.yaml`` (loss on the assistant's replies only). Run ``python examples/tiny/make_corpus.py`` to rebuild
+both deterministically.
 """
 
 import json
@@ -19,9 +21,9 @@ FEELINGS = ["happy", "proud", "surprised", "tired", "excited", "calm"]
 WEATHER = ["sunny", "rainy", "windy", "cold", "warm", "cloudy"]
 
 
-def story(rng: random.Random) -> str:
-    hero, friend = rng.sample(NAMES, 2)
-    animal, adjective, place = rng.choice(ANIMALS), rng.choice(ADJECTIVES), rng.choice(PLACES)
+def story(rng: random.Random, *, hero: str | None = None, animal: str | None = None) -> str:
+    hero, friend = (hero, rng.choice([n for n in NAMES if n != hero])) if hero else rng.sample(NAMES, 2)
+    animal, adjective, place = animal or rng.choice(ANIMALS), rng.choice(ADJECTIVES), rng.choice(PLACES)
     thing, activity = rng.choice(OBJECTS), rng.choice(ACTIVITIES)
     sentences = [
         f"Once upon a time, there was a {adjective} {animal} named {hero}.",
@@ -44,12 +46,29 @@ def story(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def main(num_docs: int = 1500, seed: int = 0) -> None:
+def conversation(rng: random.Random) -> list[dict[str, str]]:
+    hero, animal = rng.choice(NAMES), rng.choice(ANIMALS)
+    turns = [
+        {"role": "system", "content": "You tell short stories for children."},
+        {"role": "user", "content": f"Tell me a story about a {animal} named {hero}."},
+        {"role": "assistant", "content": story(rng, hero=hero, animal=animal)},
+    ]
+    if rng.random() < 0.5:
+        turns += [
+            {"role": "user", "content": f"How did {hero} feel at the end?"},
+            {"role": "assistant", "content": f"{hero} felt {rng.choice(FEELINGS)}."},
+        ]
+    return turns
+
+
+def main(num_docs: int = 1500, num_chats: int = 600, seed: int = 0) -> None:
     rng = random.Random(seed)
-    path = Path(__file__).with_name("corpus.jsonl")
-    with path.open("w") as f:
+    with Path(__file__).with_name("corpus.jsonl").open("w") as f:
         for _ in range(num_docs):
             f.write(json.dumps({"text": story(rng)}) + "\n")
+    with Path(__file__).with_name("chat.jsonl").open("w") as f:
+        for _ in range(num_chats):
+            f.write(json.dumps({"messages": conversation(rng)}) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,15 @@ def test_flattened_collate_for_flash_attention():
     assert batch["input_ids"].shape == (1, 6)
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_unpacked_rows_are_grouped_by_length_within_a_global_batch():
+    lengths = np.random.default_rng(0).integers(1, 500, size=64)
+    sampler = GlobalBatchSampler(64, global_batch_size=16, seed=0, lengths=lengths)
+    plain = GlobalBatchSampler(64, global_batch_size=16, seed=0)
+    for _ in range(4):
+        batch, same_rows = sampler.next_batch(), plain.next_batch()
+        assert sorted(batch.tolist()) == sorted(same_rows.tolist())  # the same rows, in another order
+        assert (np.diff(lengths[batch]) <= 0).all()
+    micro = [lengths[m] for m in rank_slices(batch, rank=0, world_size=2, micro_batch_size=2)]
+    assert micro[0].min() >= micro[-1].max()  # each micro-batch pads to rows of similar length

@@ -1,6 +1,7 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -9,6 +10,11 @@ from tests.conftest import write_jsonl
 from vectorlm.config import DataConfig
 from vectorlm.data.tokenize import document_boundaries, run_tokenize
 from vectorlm.inputs import DataError
+
+CHATML = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def gpt2_style_tokenizer(texts) -> PreTrainedTokenizerFast:
@@ -20,6 +26,17 @@ def gpt2_style_tokenizer(texts) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tokenize(tmp_path, model_dir, rows, **data) -> tuple[dict, datasets.DatasetDict]:
+    tmp_path.mkdir(exist_ok=True)
+    path = rows if not isinstance(rows, list) else write_jsonl(tmp_path / "train.jsonl", rows)
+    stats = run_tokenize(model_dir=model_dir, data=DataConfig(train=str(path), **data), output_dir=tmp_path / "tok")
+    return stats, datasets.load_from_disk(str(tmp_path / "tok"))
+
+
+def all_rows(tokenized):
+    return [row for split in ("train", "eval") for row in tokenized[split]]
 
 
 def test_llama_style_documents_get_bos_and_eos(tiny_model_dir):
@@ -35,61 +52,115 @@ def test_gpt2_style_documents_get_one_separator(corpus_rows):
     assert document_boundaries(tokenizer) == ([], [tokenizer.eos_token_id])
 
 
-def test_tokenize_counts_and_splits(tmp_path, tiny_model_dir, corpus_rows):
+def test_text_documents_match_the_tokenizer_and_split(tmp_path, tiny_model_dir, corpus_rows):
     rows = corpus_rows[:100]
-    data = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", rows)), eval_fraction=0.1)
-    stats = run_tokenize(model_dir=tiny_model_dir, data=data, output_dir=tmp_path / "tok")
-    tokenized = datasets.load_from_disk(str(tmp_path / "tok"))
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, eval_fraction=0.1)
     assert len(tokenized["train"]) == 90 and len(tokenized["eval"]) == 10
-    assert stats["train"]["documents"] == 90
-    assert stats["train"]["tokens"] == sum(len(ids) for ids in tokenized["train"]["input_ids"])
+    assert tokenized["train"].column_names == ["input_ids"]  # text: every token is trained on
+    assert stats["train"]["tokens"] == stats["train"]["loss_tokens"] == sum(map(len, tokenized["train"]["input_ids"]))
     assert json.loads((tmp_path / "tok" / "stats.json").read_text())["eval"] == stats["eval"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    by_text = {tokenizer.decode(ids, skip_special_tokens=True): ids for ids in tokenized["train"]["input_ids"]}
-    text = next(t for t in (r["text"] for r in rows) if t in by_text)
-    expected = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert by_text[text] == expected + [tokenizer.eos_token_id]
+    expected = {tuple([tokenizer.bos_token_id] + tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id]) for r in rows}  # fmt: skip
+    assert {tuple(r["input_ids"]) for r in all_rows(tokenized)} == expected
 
 
-def test_explicit_eval_file(tmp_path, tiny_model_dir, corpus_rows):
-    data = DataConfig(
-        train=str(write_jsonl(tmp_path / "train.jsonl", corpus_rows[:20])),
-        eval=str(write_jsonl(tmp_path / "eval.jsonl", corpus_rows[20:23])),
-    )
-    stats = run_tokenize(model_dir=tiny_model_dir, data=data, output_dir=tmp_path / "tok")
+def test_split_is_reproducible_and_seeded(tmp_path, tiny_model_dir, corpus_rows):
+    _, a = tokenize(tmp_path / "a", tiny_model_dir, corpus_rows[:50], split_seed=1)
+    _, b = tokenize(tmp_path / "b", tiny_model_dir, corpus_rows[:50], split_seed=1)
+    _, c = tokenize(tmp_path / "c", tiny_model_dir, corpus_rows[:50], split_seed=2)
+    assert a["eval"]["input_ids"] == b["eval"]["input_ids"] != c["eval"]["input_ids"]
+
+
+def test_prompt_response_loss_on_the_response_only(tmp_path, tiny_model_dir):
+    rows = [{"q": "Who is Ada?", "a": "Ada is a fox."}, {"q": "Where?", "a": "In a big forest."}] * 5
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, prompt_field="q", response_field="a")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = next(r for r in all_rows(tokenized) if tokenizer.decode(r["input_ids"]).startswith("<s>Who"))
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    assert tokenizer.decode(ids[mask]) == "Ada is a fox.</s>"
+    assert tokenizer.decode(ids[~mask]) == "<s>Who is Ada?"
+    assert stats["train"]["loss_tokens"] < stats["train"]["tokens"]
+
+
+def test_messages_loss_on_assistant_turns_only(tmp_path, tiny_model_dir):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fox."},
+        {"role": "assistant", "content": "Ada."},
+        {"role": "user", "content": "And a bear?"},
+        {"role": "assistant", "content": "Ben."},
+    ]
+    rows = [{"messages": conversation}] * 4 + [{"messages": conversation[:2]}]  # the last has no assistant turn
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, messages_field="messages", chat_template=CHATML)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = all_rows(tokenized)[0]
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    assert tokenizer.decode(ids).startswith("<s>system\nBe brief.</s>")
+    trained = tokenizer.decode(ids[mask])
+    assert trained == "Ada.</s>\nBen.</s>\n", trained
+    assert stats["train"]["skipped: no assistant turn"] + stats["eval"].get("skipped: no assistant turn", 0) == 1
+
+
+def test_messages_need_a_chat_template(tmp_path, tiny_model_dir):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 2
+    with pytest.raises(DataError, match="the tokenizer has no chat template; give one in data.chat_template"):
+        tokenize(tmp_path, tiny_model_dir, rows, messages_field="messages")
+
+
+def test_unknown_role_names_the_row(tmp_path, tiny_model_dir):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}
+    with pytest.raises(DataError, match=r"train\.jsonl: row 3: message 2 has unknown role 'bot' \(expected system"):
+        tokenize(tmp_path, tiny_model_dir, [good, good, bad, good], messages_field="messages", chat_template=CHATML)
+
+
+def test_separator_masks_everything_up_to_it(tmp_path, tiny_model_dir):
+    rows = [{"text": "Question: who? ### Answer: Ada."}] * 3 + [{"text": "no separator here"}]
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, separator=" ### Answer:")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = all_rows(tokenized)[0]
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    assert tokenizer.decode(ids[mask]) == " Ada.</s>"
+    assert sum(s.get("skipped: no separator", 0) for s in (stats["train"], stats["eval"])) == 1
+
+
+def test_null_and_empty_texts_are_skipped_and_counted(tmp_path, tiny_model_dir):
+    rows = [{"text": "one"}, {"text": None}, {"text": ""}, {"text": "two"}, {"text": "three"}] * 4
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, eval_fraction=0.25)
+    assert len(all_rows(tokenized)) == 12
+    assert stats["train"]["skipped: text null or empty"] == 8  # counted where they were read
+
+
+def test_non_string_text_names_the_row(tmp_path, tiny_model_dir):
+    rows = [{"text": "a"}, {"text": "b"}, {"text": "c"}, {"text": {"nested": 1}}]
+    with pytest.raises(DataError, match=r"train\.jsonl: row 4: field 'text' is \{'nested': 1\} \(dict\), not a string"):
+        tokenize(tmp_path, tiny_model_dir, rows)
+
+
+def test_nothing_to_train_on_is_an_error(tmp_path, tiny_model_dir):
+    rows = [{"q": "a", "a": None}, {"q": "b", "a": ""}, {"q": "c", "a": None}]
+    with pytest.raises(DataError, match=r"no train rows left after skipping: 3 rows a null or empty"):
+        tokenize(tmp_path, tiny_model_dir, rows, prompt_field="q", response_field="a")
+
+
+def test_explicit_eval_file_and_other_formats(tmp_path, tiny_model_dir, corpus_rows):
+    train = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(corpus_rows[:20]).to_parquet(str(train))
+    docs = tmp_path / "eval_docs"
+    docs.mkdir()
+    for i, row in enumerate(corpus_rows[20:23]):
+        (docs / f"{i}.txt").write_text(row["text"])
+    stats, _ = tokenize(tmp_path, tiny_model_dir, train, eval=str(docs))
     assert stats["train"]["documents"] == 20 and stats["eval"]["documents"] == 3
 
 
-def test_custom_text_field(tmp_path, tiny_model_dir):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"body": "hello there"}, {"body": "general kenobi"}])
-    stats = run_tokenize(
-        model_dir=tiny_model_dir, data=DataConfig(train=str(path), text_field="body"), output_dir=tmp_path / "tok"
-    )
-    assert stats["train"]["documents"] + stats["eval"]["documents"] == 2
-
-
 def test_missing_text_field_names_file_and_fields(tmp_path, tiny_model_dir):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"body": "a"}, {"body": "b"}])
-    with pytest.raises(DataError, match=r"t\.jsonl: rows have no field 'text' \(data\.text_field\); fields found: body"):
-        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(train=str(path)), output_dir=tmp_path / "tok")
+    with pytest.raises(DataError, match=r"t\.jsonl: rows have no field 'text' \(config key data\.text_field\); fields found: body"):
+        tokenize(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "t.jsonl", [{"body": "a"}, {"body": "b"}]))
     assert not (tmp_path / "tok").exists()
 
 
-def test_null_text_names_the_row(tmp_path, tiny_model_dir):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "fine"}, {"text": "also fine"}, {"text": None}])
-    with pytest.raises(DataError, match=r"t\.jsonl: row 3: field 'text' is None, not a string"):
-        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(train=str(path)), output_dir=tmp_path / "tok")
-
-
-def test_missing_and_empty_files(tmp_path, tiny_model_dir):
-    with pytest.raises(DataError, match=r"config key data\.train: data file .*nope\.jsonl does not exist"):
-        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(train=str(tmp_path / "nope.jsonl")), output_dir=tmp_path)
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match=r"data file .*empty\.jsonl is empty"):
-        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(train=str(tmp_path / "empty.jsonl")), output_dir=tmp_path)
-
-
 def test_single_document_cannot_be_split(tmp_path, tiny_model_dir):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "alone"}])
     with pytest.raises(DataError, match=r"data\.train has 1 document; holding out an eval split"):
-        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(train=str(path)), output_dir=tmp_path / "tok")
+        tokenize(tmp_path, tiny_model_dir, [{"text": "alone"}])

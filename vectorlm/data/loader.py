@@ -24,15 +24,22 @@ class DataPosition:
 
 
 class GlobalBatchSampler:
-    """Global batches of row indices: a fresh permutation each epoch, the last incomplete batch dropped."""
+    """Global batches of row indices: a fresh permutation each epoch, the last incomplete batch dropped.
 
-    def __init__(self, num_rows: int, *, global_batch_size: int, seed: int) -> None:
+    With ``lengths`` (unpacked rows, ``data.packing: false``) each global batch is ordered longest first, so that the
+    micro-batches cut from it hold rows of similar length and padding stays small.
+    """
+
+    def __init__(
+        self, num_rows: int, *, global_batch_size: int, seed: int, lengths: np.ndarray | None = None
+    ) -> None:
         if num_rows < global_batch_size:
             raise ValueError(
                 f"the training split has {num_rows} packed rows, fewer than train.global_batch_size "
                 f"({global_batch_size}); lower the batch size or add data"
             )
         self.num_rows, self.global_batch_size, self.seed = num_rows, global_batch_size, seed
+        self.lengths = lengths
         self.position = DataPosition()
 
     @property
@@ -48,6 +55,8 @@ class GlobalBatchSampler:
         start = self.position.offset
         batch = self._permutation(self.position.epoch)[start : start + self.global_batch_size]
         self.position.offset += self.global_batch_size
+        if self.lengths is not None:
+            batch = batch[np.argsort(-self.lengths[batch], kind="stable")]
         return batch
 
     def state_dict(self) -> dict[str, int]:
@@ -97,3 +106,5 @@ def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool) -> d
     columns = dataset.with_format("numpy")[indices.tolist()]
     rows = [{c: columns[c][i] for c in columns} for i in range(len(indices))]
     return collate(rows, flatten=flatten)
+
+

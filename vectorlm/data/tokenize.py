@@ -1,4 +1,18 @@
-"""The tokenize stage: documents from disk to token ids, with a train/eval split, as a ``datasets`` directory."""
+"""The tokenize stage: documents to token ids (and, for instruction data, which tokens carry the loss).
+
+Documents are read as Arrow batches, encoded with the model's fast tokenizer a batch at a time and written straight
+to an Arrow file per split, so memory stays bounded whatever the corpus size. Each kind of data (``data.mode``) has
+its encoder:
+
+- text: BOS (when distinct from EOS) + the text + EOS, all trained on;
+- prompt_response: BOS + prompt + response + EOS, the loss on the response and EOS only;
+- separator: like text, without loss up to and including the first ``data.separator``;
+- messages: the conversation rendered with the chat template (which supplies its own special tokens), the loss on
+  the assistant turns only.
+
+Rows with nothing to train on (null or empty text, no response, no separator, no assistant turn) are skipped,
+counted per reason in ``stats.json`` and the log; if no training row is left, the stage fails.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +20,27 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from vectorlm.config import DataConfig, write_stage_config
-from vectorlm.inputs import DataError, check_data_file, check_model_dir
+from vectorlm.data.arrow import ColumnsWriter, ranges
+from vectorlm.data.chat import check_messages, render_with_assistant_spans
+from vectorlm.data.sources import load_documents
+from vectorlm.inputs import DataError, check_model_dir
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the tokenized artifact changes shape, so Snakemake re-tokenizes (the rule passes it as a param).
-ARTIFACT_VERSION = 1
-TOKEN_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+ARTIFACT_VERSION = 2  # 2: loss_mask column for instruction data, skip counts
 
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -43,105 +64,221 @@ def document_boundaries(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], 
     return prefix, suffix
 
 
-def load_documents(
-    path: str | Path, *, text_field: str, cache_dir: str | Path, key: str = "data.train"
-) -> datasets.Dataset:
-    """Rows of a ``.jsonl`` file as a Dataset, checked to hold ``text_field``; ``key`` names the file in errors."""
-    path = check_data_file(path, key=key)
-    try:
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
-    except datasets.exceptions.DatasetGenerationError as error:
-        raise DataError(f"{path}: cannot read as JSON lines: {error.__cause__ or error}") from error
-    if len(dataset) == 0:
-        raise DataError(f"{path}: the file has no rows")
-    if text_field not in dataset.column_names:
+class Encoder:
+    """Turns a batch of rows into token ids and loss masks for one kind of data."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> None:
+        self.tokenizer, self.data = tokenizer, data
+        self.prefix, self.suffix = document_boundaries(tokenizer)
+        self.with_mask = data.mode != "text"
+        if data.mode == "messages" and data.chat_template is None and not tokenizer.chat_template:
+            raise DataError("the tokenizer has no chat template; give one in data.chat_template")
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        if texts and self.tokenizer.is_fast:  # the Rust tokenizer directly: no offsets, no Python objects per token
+            return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], [np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0] for o in encoded["offset_mapping"]]
+
+    def encode(self, rows: dict[str, list], first_row: int, source: str, skipped: Counter):
+        """Token ids, loss masks (or None) and the row numbers kept, for a batch of rows. Text documents come without
+        BOS/EOS, which :func:`frame` adds to the whole batch at once."""
+        mode = self.data.mode
+        if mode == "prompt_response":
+            return self._prompt_response(rows, first_row, source, skipped)
+        if mode == "messages":
+            return self._messages(rows, first_row, source, skipped)
+        kept, texts = self._texts(rows[self.data.text_field], self.data.text_field, first_row, source, skipped)
+        if mode == "text":
+            return self.ids(texts), None, kept
+        documents, masks, rows_kept = [], [], []
+        for row, text, ids, starts in zip(kept, texts, *self.with_offsets(texts)):
+            at = text.find(self.data.separator)
+            if at < 0:
+                skipped["no separator"] += 1
+                continue
+            trained = starts >= at + len(self.data.separator)
+            documents.append(self.prefix + ids + self.suffix)
+            masks.append(np.concatenate([np.zeros(len(self.prefix)), trained, np.ones(len(self.suffix))]))
+            rows_kept.append(row)
+        return documents, masks, rows_kept
+
+    def _texts(self, values: list, field: str, first_row: int, source: str, skipped: Counter):
+        kept, texts = [], []
+        for row, value in enumerate(values, start=first_row):
+            if value is None or value == "":
+                skipped[f"{field} null or empty"] += 1
+            elif not isinstance(value, str):
+                raise DataError(f"{source}: row {row}: field {field!r} is {value!r:.40} ({type(value).__name__}), "
+                                "not a string")  # fmt: skip
+            else:
+                kept.append(row)
+                texts.append(value)
+        return kept, texts
+
+    def _prompt_response(self, rows, first_row, source, skipped):
+        prompt_field, response_field = self.data.prompt_field, self.data.response_field
+        kept, responses = self._texts(rows[response_field], response_field, first_row, source, skipped)
+        prompts = [rows[prompt_field][row - first_row] for row in kept]
+        for row, prompt in zip(kept, prompts):
+            if prompt is not None and not isinstance(prompt, str):
+                raise DataError(f"{source}: row {row}: field {prompt_field!r} is {prompt!r:.40}, not a string")
+        prompts = [p or "" for p in prompts]
+        documents, masks = [], []
+        for prompt_ids, response_ids in zip(self.ids(prompts), self.ids(responses)):
+            context, target = self.prefix + prompt_ids, response_ids + self.suffix
+            documents.append(context + target)
+            masks.append(np.concatenate([np.zeros(len(context)), np.ones(len(target))]))
+        return documents, masks, kept
+
+    def _messages(self, rows, first_row, source, skipped):
+        texts, spans, kept = [], [], []
+        for row, messages in enumerate(rows[self.data.messages_field], start=first_row):
+            where = f"{source}: row {row}"
+            if messages is None:
+                skipped[f"{self.data.messages_field} null"] += 1
+                continue
+            text, turns = render_with_assistant_spans(
+                self.tokenizer, check_messages(messages, where=where), template=self.data.chat_template, where=where
+            )
+            if not turns:
+                skipped["no assistant turn"] += 1
+                continue
+            texts.append(text)
+            spans.append(turns)
+            kept.append(row)
+        documents, masks = [], []
+        for ids, starts, turns in zip(*self.with_offsets(texts), spans):
+            masks.append(np.any([(starts >= a) & (starts < b) for a, b in turns], axis=0))
+            documents.append(ids)
+        return documents, masks, kept
+
+
+def eval_rows(num_rows: int, *, fraction: float, seed: int) -> np.ndarray:
+    """Which rows to hold out for evaluation: ``fraction`` of them (at least one), chosen with ``seed``."""
+    if num_rows < 2:
         raise DataError(
-            f"{path}: rows have no field {text_field!r} (data.text_field); fields found: {', '.join(dataset.column_names)}"
+            f"data.train has {num_rows} document; holding out an eval split (data.eval_fraction) needs at least 2"
         )
-    return dataset
-
-
-def tokenize_documents(
-    documents: datasets.Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_field: str,
-    batch_size: int,
-    source: str,
-) -> datasets.Dataset:
-    """Token ids of every document, with the document boundaries of :func:`document_boundaries`."""
-    prefix, suffix = document_boundaries(tokenizer)
-
-    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        texts = batch[text_field]
-        for index, text in zip(indices, texts):
-            if not isinstance(text, str):
-                raise DataError(f"{source}: row {index + 1}: field {text_field!r} is {text!r}, not a string")
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return {"input_ids": [prefix + doc + suffix for doc in ids]}
-
-    return documents.map(
-        encode,
-        batched=True,
-        batch_size=batch_size,
-        with_indices=True,
-        remove_columns=documents.column_names,
-        features=TOKEN_FEATURES,
-        desc=f"tokenize {Path(source).name}",
-    )
+    held_out = np.zeros(num_rows, dtype=bool)
+    held_out[np.random.default_rng(seed).permutation(num_rows)[: max(1, round(fraction * num_rows))]] = True
+    return held_out
 
 
 def run_tokenize(
     *, model_dir: str | Path, data: DataConfig, output_dir: str | Path, trust_remote_code: bool = False
 ) -> dict[str, Any]:
-    """Tokenizes ``data.train`` (and ``data.eval``, or a held-out split) into a DatasetDict at ``output_dir``.
-
-    Returns the statistics also written to ``output_dir/stats.json``.
-    """
+    """Tokenizes ``data.train`` (and ``data.eval``, or a held-out part of train) into a DatasetDict at
+    ``output_dir``. Returns the statistics also written to ``output_dir/stats.json``."""
     check_model_dir(model_dir)
     output_dir = Path(output_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    encoder = Encoder(load_tokenizer(model_dir, trust_remote_code=trust_remote_code), data)
+    columns = ["input_ids", "loss_mask"] if encoder.with_mask else ["input_ids"]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tokenize-", dir=output_dir.parent) as cache_dir:
-        splits = {}
-        for split, path in (("train", data.train), ("eval", data.eval)):
+    with tempfile.TemporaryDirectory(prefix="tokenize-", dir=output_dir.parent) as tmp:
+        writers = {split: ColumnsWriter(Path(tmp) / f"{split}.arrow", columns) for split in ("train", "eval")}
+        stats: dict[str, Any] = {split: Counter() for split in writers}
+        for key, path in (("data.train", data.train), ("data.eval", data.eval)):
             if path is None:
                 continue
-            documents = load_documents(path, text_field=data.text_field, cache_dir=cache_dir, key=f"data.{split}")
-            splits[split] = tokenize_documents(
-                documents, tokenizer, text_field=data.text_field, batch_size=data.tokenize_batch_size, source=str(path)
-            )
-        if "eval" not in splits:
-            splits = split_off_eval(splits["train"], fraction=data.eval_fraction, seed=data.split_seed)
-        tokenized = datasets.DatasetDict(splits)
+            documents = load_documents(path, cache_dir=tmp, key=key, split=data.split, text_field=data.text_field)
+            missing = [c for c in data.fields if c not in documents.column_names]
+            if missing:
+                raise DataError(f"{path}: rows have no field {missing[0]!r} (config key {data.fields[missing[0]]}); "
+                                f"fields found: {', '.join(documents.column_names)}")  # fmt: skip
+            held_out = None
+            if key == "data.train" and data.eval is None:
+                held_out = eval_rows(len(documents), fraction=data.eval_fraction, seed=data.split_seed)
+            _encode_source(documents.select_columns(list(data.fields)), encoder, writers, stats, key=key,
+                           source=str(path), held_out=held_out, batch_size=data.tokenize_batch_size)  # fmt: skip
+        tokenized = datasets.DatasetDict({split: writer.finish() for split, writer in writers.items()})
         seconds = time.perf_counter() - start
+        for split in writers:
+            if len(tokenized[split]) == 0:
+                skips = stats["train"] + stats["eval"]  # held-out rows are counted with train, where they were read
+                raise DataError(f"no {split} rows left after skipping: {_describe(skips)}")
         tokenized.save_to_disk(str(output_dir))
-    stats: dict[str, Any] = {split: _split_stats(ds) for split, ds in tokenized.items()}
-    num_documents = sum(s["documents"] for s in stats.values())
-    num_tokens = sum(s["tokens"] for s in stats.values())
-    stats.update(seconds=round(seconds, 3), tokens_per_second=round(num_tokens / max(seconds, 1e-9)))
-    (output_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_stage_config(output_dir, {"model": str(model_dir), "trust_remote_code": trust_remote_code, "data": data})
-    log.info(
-        "tokenized %s documents, %s tokens in %.1f s (%s tokens/s)",
-        f"{num_documents:,}",
-        f"{num_tokens:,}",
-        seconds,
-        f"{stats['tokens_per_second']:,}",
-    )
-    return stats
+    return _finish_stats(stats, seconds, output_dir, model_dir=model_dir, data=data, trust=trust_remote_code)
 
 
-def split_off_eval(train: datasets.Dataset, *, fraction: float, seed: int) -> dict[str, datasets.Dataset]:
-    """Holds out ``fraction`` of the documents (at least one) for evaluation."""
-    if len(train) < 2:
-        raise DataError(
-            f"data.train has {len(train)} document; holding out an eval split (data.eval_fraction) needs at least 2"
-        )
-    parts = train.train_test_split(test_size=max(1, round(fraction * len(train))), seed=seed, shuffle=True)
-    return {"train": parts["train"], "eval": parts["test"]}
+def _encode_source(documents, encoder, writers, stats, *, key, source, held_out, batch_size) -> None:
+    split = "eval" if key == "data.eval" else "train"
+    progress = tqdm(total=len(documents), desc=f"tokenize {Path(source).name}", unit="rows", mininterval=2)
+
+    def encode(first: int):
+        skipped: Counter = Counter()
+        return (*encoder.encode(documents[first : first + batch_size], first + 1, source, skipped), skipped)
+
+    # The next batch is encoded in a second thread (the Rust tokenizer releases the GIL) while this one is written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(encode, 0)
+        for first in range(0, len(documents), batch_size):
+            ids, masks, kept, skipped = pending.result()
+            if first + batch_size < len(documents):
+                pending = pool.submit(encode, first + batch_size)
+            _route(ids, masks, kept, skipped, encoder, writers, stats, split=split, held_out=held_out)
+            progress.update(min(batch_size, len(documents) - first))
+    progress.close()
 
 
-def _split_stats(dataset: datasets.Dataset) -> dict[str, int]:
-    lengths = dataset.with_format("arrow")["input_ids"].combine_chunks().value_lengths()
-    return {"documents": len(dataset), "tokens": int(lengths.to_numpy().sum())}
+def _route(ids, masks, kept, skipped, encoder, writers, stats, *, split, held_out) -> None:
+    """Writes a batch's documents to the split each belongs to, and counts what was skipped."""
+    kept = np.asarray(kept, dtype=np.int64) - 1
+    targets = np.full(len(kept), split, dtype=object) if held_out is None else np.where(held_out[kept], "eval", "train")
+    for target in ("train", "eval"):
+        chosen = np.flatnonzero(targets == target)
+        stats[target]["documents"] += len(chosen)
+        if len(chosen):
+            _write(writers[target], [ids[i] for i in chosen], None if masks is None else [masks[i] for i in chosen],
+                   stats[target], (encoder.prefix, encoder.suffix))  # fmt: skip
+    stats[split].update({f"skipped: {reason}": n for reason, n in skipped.items()})
+
+
+def _write(writer: ColumnsWriter, ids: list[list[int]], masks: list[np.ndarray] | None, stats: Counter,
+           boundaries: tuple[list[int], list[int]]) -> None:  # fmt: skip
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    values = {"input_ids": np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))}
+    if masks is None:  # text: frame each document with BOS/EOS here, vectorised, rather than list by list
+        values["input_ids"], lengths = frame(values["input_ids"], lengths, *boundaries)
+        stats["loss_tokens"] += int(lengths.sum())
+    else:
+        values["loss_mask"] = np.concatenate(masks).astype(np.uint8)
+        stats["loss_tokens"] += int(values["loss_mask"].sum())
+    writer.write(lengths, **values)
+    stats["tokens"] += int(lengths.sum())
+
+
+def frame(values: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Puts ``prefix`` before and ``suffix`` after each of the concatenated documents in ``values``."""
+    framed_lengths = lengths + len(prefix) + len(suffix)
+    starts = np.cumsum(framed_lengths) - framed_lengths
+    framed = np.empty(int(framed_lengths.sum()), dtype=values.dtype)
+    framed[ranges(starts + len(prefix), lengths)] = values
+    for i, token in enumerate(prefix):
+        framed[starts + i] = token
+    for i, token in enumerate(suffix):
+        framed[starts + len(prefix) + lengths + i] = token
+    return framed, framed_lengths
+
+
+def _describe(counts: Counter) -> str:
+    skips = {k.removeprefix("skipped: "): v for k, v in counts.items() if k.startswith("skipped")}
+    return ", ".join(f"{n} rows {reason}" for reason, n in skips.items()) or "no rows were read"
+
+
+def _finish_stats(stats, seconds, output_dir: Path, *, model_dir, data: DataConfig, trust: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {split: dict(counts) for split, counts in stats.items()}
+    num_tokens = sum(s.get("tokens", 0) for s in result.values())
+    result.update(mode=data.mode, seconds=round(seconds, 3), tokens_per_second=round(num_tokens / max(seconds, 1e-9)))
+    (output_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_stage_config(output_dir, {"model": str(model_dir), "trust_remote_code": trust, "data": data})
+    for split in ("train", "eval"):
+        log.info("%s: %s documents, %s tokens, %s with loss%s", split, f"{result[split].get('documents', 0):,}",
+                 f"{result[split].get('tokens', 0):,}", f"{result[split].get('loss_tokens', 0):,}",
+                 f"; skipped {_describe(stats[split])}" if any(k.startswith("skipped") for k in stats[split]) else "")  # fmt: skip
+    log.info("tokenized %s tokens in %.1f s (%s tokens/s)", f"{num_tokens:,}", seconds, f"{result['tokens_per_second']:,}")
+    return result
+
