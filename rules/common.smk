@@ -41,6 +41,17 @@ def get_train_params():
     return to_plain(CFG.train)
 
 
+def get_lora_params():
+    return to_plain(CFG.lora)
+
+
+def get_convert_outputs():
+    outputs = {"model": directory(out("hf_model"))}
+    if CFG.lora.enabled:
+        outputs["adapter"] = directory(out("hf_adapter"))
+    return outputs
+
+
 def get_consolidate_params():
     return {"dtype": CFG.export.dtype, "max_shard_size": CFG.export.max_shard_size}
 

@@ -20,7 +20,8 @@ rule convert_hf:
         weights=rules.consolidate.output.weights,
         model=CFG.model,
     output:
-        model=directory(out("hf_model")),
+        # With lora.enabled, also the adapter alone (hf_adapter); hf_model is then the merged model.
+        **get_convert_outputs(),
     log:
         out("logs/convert_hf.log"),
     params:

@@ -17,6 +17,7 @@ rule train:
         mpi="srun",
     params:
         train=get_train_params(),
+        lora=get_lora_params(),
         trust_remote_code=CFG.trust_remote_code,
     script:
         "../workflow_scripts/train.py"

@@ -55,16 +55,17 @@ def packed_dir(tmp_path_factory, tiny_model_dir, corpus_rows) -> Path:
 
 
 def run_training(
-    output_dir: Path, model_dir: Path, packed: Path, *, num_processes: int = 2, nodes: int = 1, **train
+    output_dir: Path, model_dir: Path, packed: Path, *, num_processes: int = 2, nodes: int = 1, lora=None, **train
 ) -> dict:
     """Runs a real training job on ``num_processes`` local ranks (over ``nodes`` simulated nodes); returns its
     summary and metric records."""
-    from vectorlm.config import TrainConfig
+    from vectorlm.config import LoraSettings, TrainConfig
     from vectorlm.launch import launch_training
     from vectorlm.placement import Placement
     from vectorlm.train import TrainJob
 
-    job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
+    job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train),
+                   lora=LoraSettings(**(lora or {})))  # fmt: skip
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     placement = Placement(num_processes, nodes, max(1, 2 // num_processes))
     launch_training(job, placement=placement, log_path=output_dir / "logs" / "train.log")

@@ -9,6 +9,7 @@ from vectorlm.config import (
     ConfigError,
     DataConfig,
     ExportConfig,
+    LoraSettings,
     TrainConfig,
     load_config,
     parse_size,
@@ -31,7 +32,8 @@ def test_every_shipped_config_loads(path):
 
 
 @pytest.mark.parametrize(
-    ("section", "cls"), [("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig)]
+    ("section", "cls"),
+    [("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig), ("lora", LoraSettings)],
 )
 def test_schema_defaults_equal_dataclass_defaults(section, cls):
     properties = schema()["properties"][section]["properties"]

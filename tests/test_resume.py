@@ -44,9 +44,11 @@ def max_difference(a: Path, b: Path) -> float:
     return max((ta[k] - tb[k]).abs().max().item() for k in ta)
 
 
-def start_job(output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, **train) -> subprocess.Popen:
-    """A training job in its own process group, as Snakemake would start it."""
-    job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
+def start_job(
+    output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, job: TrainJob | None = None, **train
+) -> subprocess.Popen:
+    """A training job (``job``, or one made of ``train`` settings) in its own process group, as Snakemake starts it."""
+    job = job or TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
     (output_dir / "train").mkdir(parents=True, exist_ok=True)
     job.save(output_dir / "train" / "job.yaml")
     command = [sys.executable, "-m", "vectorlm.launch", str(output_dir / "train" / "job.yaml"), "--ranks",

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
 from vectorlm.config import write_stage_config
@@ -142,11 +142,13 @@ def save_checkpoint(
     settings: dict[str, Any],
     upstream: str | Path,
     keep: int,
+    trainable_only: bool = False,
 ) -> float:
     """Writes a checkpoint to ``path`` from every rank, atomically, then keeps only the newest ``keep``.
 
-    ``settings`` and the configuration recorded beside ``upstream`` (the packed data) are saved with it. Returns the
-    seconds the save took.
+    ``settings`` and the configuration recorded beside ``upstream`` (the packed data) are saved with it. With
+    ``trainable_only`` (LoRA) the frozen base weights are left out: they are read from the base model again. Returns
+    the seconds the save took.
     """
     start = time.perf_counter()
     rank = dist.get_rank()
@@ -155,7 +157,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     # Only tensors go to DCP: its loader unpickles non-tensor entries without weights_only. The optimizer's
     # param_groups hold nothing that the config does not give again.
     dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=str(partial))
@@ -173,15 +175,22 @@ def save_checkpoint(
     return seconds
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: Optimizer, restore_rng: bool) -> float:
+def load_checkpoint(
+    path: Path, *, model: nn.Module, optimizer: Optimizer, restore_rng: bool, trainable_only: bool = False
+) -> float:
     """Loads model and optimizer state (resharded to this run's ranks) and, if asked, this rank's RNG state."""
     start = time.perf_counter()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _options(trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     dcp.load({"model": model_state, "optim": optim_state["state"]}, storage_reader=SafeFileSystemReader(str(path)))
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
     if restore_rng:
         _load_rng(path / "rng", dist.get_rank())
     return time.perf_counter() - start
+
+
+def _options(trainable_only: bool) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
 def archive_checkpoints(root: Path) -> Path:

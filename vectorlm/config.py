@@ -124,6 +124,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+    def __post_init__(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                raise ConfigError(f"lora.target_modules must be a list of module names or all-linear, got {targets!r}")
+        else:
+            object.__setattr__(self, "target_modules", tuple(targets))
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules must name at least one module (or be all-linear)")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     max_shard_size: str = "5GB"
     dtype: str = "auto"
@@ -146,6 +165,7 @@ class Config:
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -165,6 +185,7 @@ class Config:
             data=DataConfig(**resolved["data"]),
             train=TrainConfig(**resolved["train"]),
             export=ExportConfig(**resolved["export"]),
+            lora=LoraSettings(**resolved["lora"]),
         )
 
     def to_dict(self) -> dict[str, Any]:

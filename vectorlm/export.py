@@ -23,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from vectorlm.checkpoint import SafeFileSystemReader
-from vectorlm.config import ExportConfig, read_stage_config, write_stage_config
+from vectorlm.config import ExportConfig, LoraSettings, read_stage_config, write_stage_config
+from vectorlm.lora import ADAPTER_FILES, apply_lora, merge_adapter, save_adapter
 from vectorlm.model import build_empty_model, tied_parameter_names
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,28 @@ def consolidate(
     export: ExportConfig,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Writes the model weights of a DCP checkpoint as safetensors shards with a Hugging Face index."""
+    """Writes the model weights of a DCP checkpoint as safetensors shards with a Hugging Face index, or, for a LoRA
+    run, the trained adapter in peft's format."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     # One process reads what all ranks wrote; DCP warns about the missing process group, which is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     reader = SafeFileSystemReader(str(checkpoint))
     saved = reader.read_metadata().state_dict_metadata
+    lora = LoraSettings(**read_stage_config(checkpoint).get("lora", {}))
+    settings = {"export": {"dtype": export.dtype, "max_shard_size": export.max_shard_size}}
+    if lora.enabled:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        adapter = {k.removeprefix(MODEL_PREFIX): v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
+        tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in adapter.items()}
+        dcp.load({"model": tensors}, storage_reader=reader)
+        dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
+        peft_model, _ = apply_lora(build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code),
+                                   lora, seed=0)  # fmt: skip
+        save_adapter(peft_model, {k: t.to(dtype) for k, t in tensors.items()}, output_dir, base=str(model_dir))
+        write_stage_config(output_dir, settings, upstream=checkpoint)
+        log.info("consolidated the LoRA adapter: %d tensors, %s parameters", len(tensors),
+                 f"{sum(t.numel() for t in tensors.values()):,}")  # fmt: skip
+        return {"tensors": len(tensors), "adapter": True, "dtype": str(dtype)}
     names = weight_names(model_dir, trust_remote_code=trust_remote_code)
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
@@ -98,8 +115,7 @@ def consolidate(
     total = sum(sizes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    write_stage_config(output_dir, {"export": {"dtype": export.dtype, "max_shard_size": export.max_shard_size}},
-                       upstream=checkpoint)  # fmt: skip
+    write_stage_config(output_dir, settings, upstream=checkpoint)
     log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, len(shards))
     return {"tensors": len(names), "bytes": total, "files": len(shards), "dtype": str(dtype)}
 
@@ -152,29 +168,46 @@ def convert_hf(
     *,
     model_dir: str | Path,
     output_dir: str | Path,
+    adapter_dir: str | Path | None = None,
     smoke_test_prompt: str | None = None,
     trust_remote_code: bool = False,
 ) -> Path:
     """Assembles a Hugging Face model directory: the consolidated weights with the base model's config, generation
-    config, tokenizer (and custom code, if any), plus the resolved pipeline config."""
+    config, tokenizer (and custom code, if any), plus the resolved pipeline config.
+
+    For a LoRA run, ``adapter_dir`` receives the adapter (with the tokenizer), and the model directory the base
+    model with the adapter merged in. With a ``smoke_test_prompt``, the written model is loaded back and generates.
+    """
     consolidated, model_dir, output_dir = Path(consolidated), Path(model_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    index = json.loads((consolidated / INDEX_FILE).read_text())
-    for name in sorted(set(index["weight_map"].values())) + [INDEX_FILE]:
-        _link_or_copy(consolidated / name, output_dir / name)
+    stage = read_stage_config(consolidated)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    config.dtype = export_dtype(ExportConfig(dtype=read_stage_config(consolidated)["export"]["dtype"]), config)
+    config.dtype = export_dtype(ExportConfig(dtype=stage["export"]["dtype"]), config)
     config.use_cache = True  # training turned it off; generation wants it
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if stage.get("data", {}).get("chat_template") is not None:  # the template training used, so that inference
+        tokenizer.chat_template = stage["data"]["chat_template"]  # formats prompts the same way
+    if LoraSettings(**stage.get("lora", {})).enabled:
+        if adapter_dir is None:
+            raise ValueError(f"{consolidated} holds a LoRA adapter: convert_hf needs adapter_dir")
+        adapter_dir = Path(adapter_dir)
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            _link_or_copy(consolidated / name, adapter_dir / name)
+        tokenizer.save_pretrained(adapter_dir)
+        write_stage_config(adapter_dir, {}, upstream=consolidated)
+        merge_adapter(model_dir, adapter_dir, output_dir, dtype=config.dtype,
+                      max_shard_size=stage["export"]["max_shard_size"], trust_remote_code=trust_remote_code)  # fmt: skip
+    else:
+        index = json.loads((consolidated / INDEX_FILE).read_text())
+        for name in sorted(set(index["weight_map"].values())) + [INDEX_FILE]:
+            _link_or_copy(consolidated / name, output_dir / name)
     config.save_pretrained(output_dir)
     try:
         generation = GenerationConfig.from_pretrained(str(model_dir))
     except OSError:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    chat_template = read_stage_config(consolidated).get("data", {}).get("chat_template")
-    if chat_template is not None:  # the template training used, so that inference formats prompts the same way
-        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(output_dir)
     if trust_remote_code:
         for code in model_dir.glob("*.py"):

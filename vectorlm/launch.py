@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from vectorlm.config import ConfigError
+from vectorlm.lora import check_targets
+from vectorlm.model import build_empty_model
 from vectorlm.placement import Placement
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 from vectorlm.train import TrainJob
@@ -135,6 +137,8 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
         RuntimeError: when the ranks fail, naming the exit status and the log to read.
     """
     job.train.grad_accumulation_steps(placement.ranks)
+    if job.lora.enabled:  # a target that matches nothing fails here, with the model's layer names, not in N ranks
+        check_targets(build_empty_model(job.model, attention="eager", trust_remote_code=job.trust_remote_code), job.lora)
     job_file = Path(job.output_dir) / "train" / "job.yaml"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job.save(job_file)

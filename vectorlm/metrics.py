@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def flops_per_token(config: PretrainedConfig, *, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM appendix B)."""
+def flops_per_token(config: PretrainedConfig, *, num_params: int, seq_len: int, frozen_base: bool = False) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM appendix B).
+
+    With a frozen base (LoRA) no weight gradients are computed for it: 4 per weight instead of 6.
+    """
     config = config.get_text_config()
     num_embedding = config.vocab_size * config.hidden_size
     attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
-    return 6 * (num_params - num_embedding) + attention
+    total = 6 * (num_params - num_embedding) + attention
+    return total * 4 / 6 if frozen_base else total
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: allocated GPU memory on a GPU, resident memory (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class MetricsLog:

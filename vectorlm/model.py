@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from vectorlm.config import ConfigError
+from vectorlm.lora import base_weight_name
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,16 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def materialize(model: PreTrainedModel, model_dir: str | Path, device: torch.device) -> None:
-    """Allocates the (sharded) parameters on ``device`` and fills them from the safetensors files in ``model_dir``."""
+def materialize(model: nn.Module, model_dir: str | Path, device: torch.device) -> None:
+    """Allocates the (sharded) parameters on ``device`` and fills the base weights from the safetensors files in
+    ``model_dir``; each rank reads only its shards. LoRA adapters, if any, are left for :mod:`vectorlm.lora`."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
-    state = {k: v for k, v in model.state_dict().items() if k not in tied_parameter_names(model)}
+    tied = tied_parameter_names(model)
+    state = {base_weight_name(k): v for k, v in model.state_dict().items() if k not in tied and base_weight_name(k)}
     try:
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(model_dir)))
     except Exception as error:  # DCP wraps per-rank failures; say which model could not be read.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vectorlm.checkpoint import archive_checkpoints, latest_valid_checkpoint
-from vectorlm.config import ConfigError
+from vectorlm.config import ConfigError, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class StartPlan:
     state: dict[str, Any] | None = None
 
 
-def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int) -> dict[str, Any]:
-    """What must not change for a checkpoint to be resumed: the model's architecture, the packed data, the seed."""
+def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int, lora=None) -> dict[str, Any]:
+    """What must not change for a checkpoint to be resumed: the model's architecture, the packed data, the seed,
+    and the LoRA adapters' shape (or their absence)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     for volatile in ("transformers_version", "use_cache", "dtype", "torch_dtype"):
         config.pop(volatile, None)
@@ -51,6 +52,7 @@ def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int)
         "data": stats["fingerprint"],
         "max_seq_len": stats["max_seq_len"],
         "seed": seed,
+        "lora": to_plain(lora) if lora is not None and lora.enabled else None,
     }
 
 

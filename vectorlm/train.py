@@ -28,16 +28,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import get_scheduler
 
 from vectorlm.checkpoint import checkpoint_dir, checkpoints_root, load_checkpoint, save_checkpoint
-from vectorlm.config import ConfigError, TrainConfig, to_plain
+from vectorlm.config import ConfigError, LoraSettings, TrainConfig, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import GlobalBatchSampler, fetch, rank_slices
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, build_mesh, init_distributed
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import setup_logging
-from vectorlm.metrics import MetricsLog, flops_per_token, peak_flops
+from vectorlm.lora import apply_lora
+from vectorlm.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_mb
 from vectorlm.model import (
     apply_fsdp,
     build_empty_model,
@@ -61,6 +63,7 @@ class TrainJob:
     packed: str
     output_dir: str
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
 
     @property
@@ -77,7 +80,25 @@ class TrainJob:
     @classmethod
     def load(cls, path: str | Path) -> TrainJob:
         raw = yaml.safe_load(Path(path).read_text())
-        return cls(**{**raw, "train": TrainConfig(**raw["train"])})
+        return cls(**{**raw, "train": TrainConfig(**raw["train"]), "lora": LoraSettings(**raw.get("lora", {}))})
+
+
+def build_model(job: TrainJob, env: DistributedEnv, *, attention: str):
+    """The model sharded over this rank's mesh, base weights read from ``job.model``, LoRA adapters (if enabled)
+    initialised; returns it and the mesh."""
+    cfg = job.train
+    model = build_empty_model(job.model, attention=attention, trust_remote_code=job.trust_remote_code)
+    adapters = None
+    if job.lora.enabled:
+        model, adapters = apply_lora(model, job.lora, seed=cfg.seed)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    mesh = build_mesh(env, cfg.sharding)
+    apply_fsdp(model, mesh, mixed_precision=cfg.mixed_precision)
+    materialize(model, job.model, env.device)
+    if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
+        set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))
+    return model, mesh
 
 
 class Trainer:
@@ -94,7 +115,8 @@ class Trainer:
             len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed, lengths=lengths
         )
         self.max_steps = self.cfg.max_steps or math.ceil(self.cfg.num_epochs * self.sampler.steps_per_epoch)
-        self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed)
+        self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed,
+                                           lora=job.lora)  # fmt: skip
         self.eval_losses: dict[int, float] = {}
         self.throughput: list[float] = []
 
@@ -104,26 +126,23 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)
         self.attention = resolve_attention(cfg.attention, env.device)
         self.flatten = self.attention == "flash_attention_2"
-        model = build_empty_model(self.job.model, attention=self.attention, trust_remote_code=self.job.trust_remote_code)
-        self.num_params, _ = count_parameters(model)
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        mesh = build_mesh(env, cfg.sharding)
-        apply_fsdp(model, mesh, mixed_precision=cfg.mixed_precision)
-        materialize(model, self.job.model, env.device)
+        model, mesh = build_model(self.job, env, attention=self.attention)
+        self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg, env.device)
         self.scheduler = get_scheduler(
             cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.max_steps
         )
         self.flops_per_token = flops_per_token(
-            model.config, num_params=self.num_params, seq_len=self.fingerprint["max_seq_len"]
-        )
+            model.config, num_params=self.num_params, seq_len=self.fingerprint["max_seq_len"],
+            frozen_base=self.job.lora.enabled,
+        )  # fmt: skip
         self.peak_flops = peak_flops(env.device)
         log.info(
-            "training %s (%s parameters, attention %s) on %d rank(s) of %s, %s sharding over mesh %s: %d steps of %d "
-            "rows (%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
-            self.job.model, f"{self.num_params:,}", self.attention, env.world_size, env.device.type, cfg.sharding,
+            "training %s (%s parameters, %s trainable, attention %s) on %d rank(s) of %s, %s sharding over mesh %s: "
+            "%d steps of %d rows (%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
+            self.job.model, f"{self.num_params:,}", f"{self.num_trainable:,}", self.attention, env.world_size,
+            env.device.type, cfg.sharding,
             dict(zip(mesh.mesh_dim_names, mesh.shape)), self.max_steps,
             cfg.global_batch_size, cfg.micro_batch_size, self.accumulation, env.world_size,
             self.sampler.steps_per_epoch,
@@ -137,7 +156,7 @@ class Trainer:
         state = plan.state
         same_world = state["world_size"] == self.env.world_size
         seconds = load_checkpoint(Path(plan.checkpoint), model=self.model, optimizer=self.optimizer,
-                                  restore_rng=same_world)  # fmt: skip
+                                  restore_rng=same_world, trainable_only=self.job.lora.enabled)  # fmt: skip
         self.sampler.load_state_dict(state["data"])
         with warnings.catch_warnings():  # the schedule is replayed without optimizer steps on purpose
             warnings.simplefilter("ignore")
@@ -196,7 +215,8 @@ class Trainer:
         }
         path = checkpoint_dir(self.job.output_dir, step)
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, train_state=state,
-                        settings={"train": self.cfg}, upstream=self.job.packed, keep=self.cfg.keep_checkpoints)  # fmt: skip
+                        settings={"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed,
+                        keep=self.cfg.keep_checkpoints, trainable_only=self.job.lora.enabled)  # fmt: skip
         return path
 
     def summary(self, step: int) -> dict[str, Any]:
@@ -209,6 +229,9 @@ class Trainer:
             "tokens_per_second": float(np.median(self.throughput)) if self.throughput else None,
             "world_size": self.env.world_size,
             "attention": self.attention,
+            "parameters": self.num_params,
+            "trainable_parameters": self.num_trainable,
+            "peak_memory_mb": peak_memory_mb(self.env.device),
         }
 
     def fit(self, first_step: int, stop: StopRequest) -> bool:

@@ -9,6 +9,7 @@ with logged_stage("convert_hf", sm.log[0]):
         sm.input.weights,
         model_dir=sm.input.model,
         output_dir=sm.output.model,
+        adapter_dir=sm.output.get("adapter"),  # only with lora.enabled
         smoke_test_prompt=sm.params.export["smoke_test_prompt"] if sm.params.export["smoke_test"] else None,
         trust_remote_code=sm.params.trust_remote_code,
     )

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from vectorlm.config import TrainConfig
+from vectorlm.config import LoraSettings, TrainConfig
 from vectorlm.launch import Preempted, launch_training
 from vectorlm.log import logged_stage
 from vectorlm.placement import check_train_resources
@@ -17,6 +17,7 @@ with logged_stage("train", sm.log[0]):
         packed=sm.input.packed,
         output_dir=str(Path(sm.output.summary).parents[1]),  # {output_dir}/train/summary.json
         train=TrainConfig(**sm.params.train),
+        lora=LoraSettings(**sm.params.lora),
         trust_remote_code=sm.params.trust_remote_code,
     )
     placement = check_train_resources(dict(sm.resources.items()), train=job.train, threads=sm.threads)
