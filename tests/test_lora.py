@@ -25,10 +25,10 @@ from vectorlm.distributed import DistributedEnv
 from vectorlm.export import consolidate, convert_hf
 from vectorlm.launch import launch_training
 from vectorlm.lora import check_targets
-from vectorlm.model import build_empty_model
+from vectorlm.model import build_empty_model, build_model
 from vectorlm.placement import Placement
 from vectorlm.step import build_optimizer, loss_sum
-from vectorlm.train import TrainJob, build_model
+from vectorlm.train import TrainJob
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 RUN = dict(max_steps=12, lr=1e-2, micro_batch_size=2, global_batch_size=8, mixed_precision=False, checkpoint_every=4,
@@ -67,9 +67,8 @@ def process_group():
 
 
 def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group, tiny_model_dir, packed_dir):
-    job = TrainJob(model=str(tiny_model_dir), packed=str(packed_dir), output_dir="unused",
-                   train=TrainConfig(mixed_precision=False), lora=LoraSettings(**LORA))  # fmt: skip
-    model, _ = build_model(job, process_group, attention="sdpa")
+    train, lora = TrainConfig(mixed_precision=False), LoraSettings(**LORA)
+    model, _ = build_model(tiny_model_dir, process_group, train=train, lora=lora, attention="sdpa")
     rows = datasets.load_from_disk(str(packed_dir))["train"].select(range(2))
     batch = {"input_ids": torch.tensor([rows[0]["input_ids"][:64]]), "position_ids": torch.arange(64)[None],
              "labels": torch.tensor([rows[0]["labels"][:64]])}  # fmt: skip
@@ -77,7 +76,7 @@ def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == with_grad
-    optimizer = build_optimizer(model, job.train, process_group.device)
+    optimizer = build_optimizer(model, train, process_group.device)
     optimizer.step()
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
         p.numel() for n, p in model.named_parameters() if n in with_grad
@@ -87,7 +86,7 @@ def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     model.zero_grad()
     with torch.no_grad():
-        fresh, _ = build_model(job, process_group, attention="sdpa")
+        fresh, _ = build_model(tiny_model_dir, process_group, train=train, lora=lora, attention="sdpa")
         fresh.eval()
         torch.testing.assert_close(fresh(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
 

@@ -15,12 +15,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from vectorlm.config import ConfigError
-from vectorlm.lora import base_weight_name
+from vectorlm.config import ConfigError, LoraSettings, TrainConfig
+from vectorlm.distributed import DistributedEnv, build_mesh
+from vectorlm.lora import apply_lora, base_weight_name
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +116,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameter counts of the full, unsharded model."""
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def build_model(
+    model_dir: str | Path,
+    env: DistributedEnv,
+    *,
+    train: TrainConfig,
+    lora: LoraSettings,
+    attention: str,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, DeviceMesh]:
+    """The model sharded over this rank's mesh, base weights read from ``model_dir``, LoRA adapters (if enabled)
+    initialised; returns it and the mesh."""
+    model = build_empty_model(model_dir, attention=attention, trust_remote_code=trust_remote_code)
+    adapters = None
+    if lora.enabled:
+        model, adapters = apply_lora(model, lora, seed=train.seed)
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    mesh = build_mesh(env, train.sharding)
+    apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
+    materialize(model, model_dir, env.device)
+    if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
+        set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))
+    return model, mesh

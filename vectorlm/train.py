@@ -28,26 +28,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import get_scheduler
 
 from vectorlm.checkpoint import checkpoint_dir, checkpoints_root, load_checkpoint, save_checkpoint
 from vectorlm.config import ConfigError, LoraSettings, TrainConfig, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import GlobalBatchSampler, fetch, rank_slices
-from vectorlm.distributed import DistributedEnv, all_reduce_sum, build_mesh, init_distributed
+from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distributed
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import setup_logging
-from vectorlm.lora import apply_lora
 from vectorlm.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_mb
-from vectorlm.model import (
-    apply_fsdp,
-    build_empty_model,
-    count_parameters,
-    enable_activation_checkpointing,
-    materialize,
-    resolve_attention,
-)
+from vectorlm.model import build_model, count_parameters, resolve_attention
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from vectorlm.resume import StartPlan, plan_start, run_fingerprint
 from vectorlm.step import build_optimizer, evaluate, to_device, train_step
@@ -83,24 +74,6 @@ class TrainJob:
         return cls(**{**raw, "train": TrainConfig(**raw["train"]), "lora": LoraSettings(**raw.get("lora", {}))})
 
 
-def build_model(job: TrainJob, env: DistributedEnv, *, attention: str):
-    """The model sharded over this rank's mesh, base weights read from ``job.model``, LoRA adapters (if enabled)
-    initialised; returns it and the mesh."""
-    cfg = job.train
-    model = build_empty_model(job.model, attention=attention, trust_remote_code=job.trust_remote_code)
-    adapters = None
-    if job.lora.enabled:
-        model, adapters = apply_lora(model, job.lora, seed=cfg.seed)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    mesh = build_mesh(env, cfg.sharding)
-    apply_fsdp(model, mesh, mixed_precision=cfg.mixed_precision)
-    materialize(model, job.model, env.device)
-    if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
-        set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))
-    return model, mesh
-
-
 class Trainer:
     """One rank's share of a training run: set-up, the loop, checkpoints."""
 
@@ -126,7 +99,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)
         self.attention = resolve_attention(cfg.attention, env.device)
         self.flatten = self.attention == "flash_attention_2"
-        model, mesh = build_model(self.job, env, attention=self.attention)
+        model, mesh = build_model(self.job.model, env, train=cfg, lora=self.job.lora, attention=self.attention,
+                                  trust_remote_code=self.job.trust_remote_code)  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg, env.device)

@@ -80,22 +80,30 @@ def check_source(path: str | Path, *, key: str, fields: dict[str, str], split: s
                             f"{', '.join(found)}")  # fmt: skip
 
 
-def _first_json_row_fields(path: Path, *, key: str) -> list[str] | None:
+def json_rows(path: Path):
+    """(line number, object) for each non-blank line of a JSON lines file; a DataError names the first bad line."""
     with open(path) as f:
         for number, line in enumerate(f, start=1):
-            if line.strip():
-                break
-        else:
-            raise DataError(f"config key {key}: data file {path} has no rows")
-    if line.lstrip().startswith("["):
-        return None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} line {number}: invalid JSON: {error}") from error
-    if not isinstance(row, dict):
-        raise DataError(f"{path} line {number}: not a JSON object")
-    return list(row)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number}: invalid JSON: {error}") from error
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: not a JSON object but {type(row).__name__}")
+            yield number, row
+
+
+def _first_json_row_fields(path: Path, *, key: str) -> list[str] | None:
+    """The fields of the first row, or None for a file holding one JSON array (the loader checks those)."""
+    with open(path) as f:
+        if next((line for line in f if line.strip()), "").lstrip().startswith("["):
+            return None
+    first = next(json_rows(path), None)
+    if first is None:
+        raise DataError(f"config key {key}: data file {path} has no rows")
+    return list(first[1])
 
 
 def load_documents(
@@ -138,23 +146,7 @@ def load_documents(
 
 
 def locate_json_problem(path: Path) -> None:
-    """Raises a DataError naming the first line of a JSON lines file that is not a JSON object, or whose fields
-    change type from the first row's (what makes Arrow give up); returns if it finds none."""
-    types: dict[str, type] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: invalid JSON: {error}") from error
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: not a JSON object but {type(row).__name__}")
-            for field, value in row.items():
-                if value is None:
-                    continue
-                seen = types.setdefault(field, type(value))
-                if seen is not type(value) and not {seen, type(value)} <= {int, float}:
-                    raise DataError(f"{path} line {number}: field {field!r} is {type(value).__name__} "
-                                    f"({value!r:.40}), earlier rows have {seen.__name__}")  # fmt: skip
+    """Raises a DataError naming the first line of a JSON lines file that the loader could not read; returns if
+    every line is a JSON object."""
+    for _ in json_rows(path):
+        pass
