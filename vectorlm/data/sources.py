@@ -74,6 +74,11 @@ def check_source(path: str | Path, *, key: str, fields: dict[str, str], split: s
                                 f"choose one (got {split!r})")  # fmt: skip
             info_dir = path / split
         found = list(json.loads((info_dir / "dataset_info.json").read_text()).get("features", {}))
+    require_fields(path, found, fields)
+
+
+def require_fields(path: str | Path, found: list[str], fields: dict[str, str]) -> None:
+    """A DataError for the first of ``fields`` ({column: config key}) missing from ``found``."""
     for column, field_key in fields.items():
         if column not in found:
             raise DataError(f"{path}: rows have no field {column!r} (config key {field_key}); fields found: "

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vectorlm.config import DataConfig, write_stage_config
 from vectorlm.data.arrow import ColumnsWriter, ranges
 from vectorlm.data.chat import check_messages, render_with_assistant_spans
-from vectorlm.data.sources import load_documents
+from vectorlm.data.sources import load_documents, require_fields
 from vectorlm.inputs import DataError, check_model_dir
 
 log = logging.getLogger(__name__)
@@ -185,10 +185,7 @@ def run_tokenize(
             if path is None:
                 continue
             documents = load_documents(path, cache_dir=tmp, key=key, split=data.split, text_field=data.text_field)
-            missing = [c for c in data.fields if c not in documents.column_names]
-            if missing:
-                raise DataError(f"{path}: rows have no field {missing[0]!r} (config key {data.fields[missing[0]]}); "
-                                f"fields found: {', '.join(documents.column_names)}")  # fmt: skip
+            require_fields(path, documents.column_names, data.fields)
             held_out = None
             if key == "data.train" and data.eval is None:
                 held_out = eval_rows(len(documents), fraction=data.eval_fraction, seed=data.split_seed)
