@@ -20,9 +20,9 @@ from pathlib import Path
 CHILD = """
 import sys, resource
 from vectorlm.config import ExportConfig
-from vectorlm.export import consolidate, weight_names
+from vectorlm.export import consolidate, weight_shapes
 if sys.argv[1] == "baseline":
-    weight_names(sys.argv[3])
+    weight_shapes(sys.argv[3])
 else:
     consolidate(sys.argv[2], model_dir=sys.argv[3], output_dir=sys.argv[4], export=ExportConfig())
 """
@@ -45,7 +45,7 @@ from vectorlm.distributed import init_distributed, build_mesh
 from vectorlm.model import build_empty_model, apply_fsdp, materialize
 from vectorlm.step import build_optimizer
 from vectorlm.config import TrainConfig
-from vectorlm.checkpoint import save_checkpoint
+from vectorlm.checkpoint import Checkpointer
 config = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={hidden * 8 // 3 // 8 * 8},
                      num_hidden_layers={layers}, num_attention_heads={hidden // 64}, num_key_value_heads={hidden // 64})
 LlamaForCausalLM(config).save_pretrained("{root}/model")
@@ -53,9 +53,11 @@ env = init_distributed()
 model = build_empty_model("{root}/model", attention="sdpa")
 apply_fsdp(model, build_mesh(env, "full"), mixed_precision=False)
 materialize(model, "{root}/model", env.device)
-optimizer = build_optimizer(model, TrainConfig(), env.device)
-save_checkpoint(__import__("pathlib").Path("{root}/ckpt"), model=model, optimizer=optimizer, train_state={{"step": 1}},
-                settings={{}}, upstream="{root}", keep=1)
+optimizer = build_optimizer(model, TrainConfig())
+checkpointer = Checkpointer(group=None, asynchronous=False, device=env.device)
+checkpointer.save(__import__("pathlib").Path("{root}/ckpt"), model=model, optimizer=optimizer,
+                  train_state={{"step": 1}}, settings={{}}, upstream="{root}", keep=1)
+checkpointer.close()
 print("parameters:", sum(p.numel() for p in model.parameters()))
 dist.destroy_process_group()
 """

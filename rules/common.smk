@@ -60,6 +60,7 @@ def get_convert_params():
     return {
         "smoke_test": CFG.export.smoke_test,
         "smoke_test_prompt": CFG.export.smoke_test_prompt,
+        "smoke_test_max_size": CFG.export.smoke_test_max_size,
     }
 
 

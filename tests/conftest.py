@@ -75,3 +75,41 @@ def run_training(
         "steps": [r for r in records if "loss" in r],
         "evals": [r for r in records if "eval_loss" in r],
     }
+
+
+@pytest.fixture
+def process_group():
+    """A one-rank gloo process group in this process, for looking inside a sharded model."""
+    import socket
+
+    from vectorlm.distributed import DistributedEnv
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield DistributedEnv(0, 1, 0, 1, torch.device("cpu"))
+    torch.distributed.destroy_process_group()
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn, args, init: dict) -> None:
+    from vectorlm.distributed import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    env = init_distributed(**init)
+    try:
+        fn(env, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_on_ranks(fn, world_size: int, *args, init: dict | None = None) -> None:
+    """Runs ``fn(env, *args)`` on ``world_size`` fresh gloo ranks (``fn`` must be a module-level function; ``init``:
+    keyword arguments of ``init_distributed``); its results come back through files."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_entry, args=(world_size, port, fn, args, init or {}), nprocs=world_size, join=True)

@@ -110,11 +110,14 @@ def test_warmup_must_end_before_training():
         TrainConfig(max_steps=10, warmup_steps=10)
 
 
-def test_shard_size_parsing():
-    assert parse_size("500MB") == 500 * 10**6
-    assert parse_size("2GiB") == 2 * 2**30
-    with pytest.raises(ConfigError, match="export.max_shard_size"):
+def test_size_parsing():
+    assert parse_size("500MB", key="k") == 500 * 10**6
+    assert parse_size("2GiB", key="k") == 2 * 2**30
+    assert parse_size("1.5TB", key="k") == 1.5 * 10**12
+    with pytest.raises(ConfigError, match="export.max_shard_size: cannot read size 'lots'"):
         ExportConfig(max_shard_size="lots")
+    with pytest.raises(ConfigError, match="export.smoke_test_max_size: cannot read size '8 GB'"):
+        ExportConfig(smoke_test_max_size="8 GB")
 
 
 def test_load_config_missing_file(tmp_path):

@@ -1,19 +1,22 @@
 """consolidate and convert_hf on checkpoints written by real training runs."""
 
 import json
+import shutil
 
 import datasets
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from tests.conftest import CORPUS, run_training
 from vectorlm.config import ExportConfig, read_stage_config
 from vectorlm.data.loader import fetch
 from vectorlm.example import build_example_model
-from vectorlm.export import INDEX_FILE, consolidate, convert_hf, plan_shards
-from vectorlm.step import loss_sum, num_loss_tokens
+from vectorlm.export import check_export, consolidate, convert_hf, smoke_test
+from vectorlm.shards import INDEX_FILE
+from vectorlm.step import loss_sum
 
 TRAIN = dict(max_steps=6, lr=3e-3, micro_batch_size=4, global_batch_size=8, mixed_precision=False)
 
@@ -31,12 +34,8 @@ def eval_loss(model, packed_dir) -> float:
         for start in range(0, len(rows), 4):
             batch = fetch(rows, torch.arange(start, min(start + 4, len(rows))).numpy(), flatten=False)
             total += loss_sum(model, batch).item()
-            tokens += num_loss_tokens(batch)
+            tokens += batch["num_loss_tokens"]
     return total / tokens
-
-
-def test_plan_shards():
-    assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
 
 
 def test_exported_model_reproduces_the_training_eval_loss(trained, tiny_model_dir, packed_dir):
@@ -101,3 +100,61 @@ def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
     other = build_example_model(CORPUS, tmp_path / "other", vocab_size=300, hidden_size=64, num_layers=3, num_heads=2)
     with pytest.raises(ValueError, match=r"lacks weights of .*other: model\.layers\.2\."):
         consolidate(summary["checkpoint"], model_dir=other, output_dir=tmp_path / "c", export=ExportConfig())
+
+
+def test_check_export_finds_missing_misshapen_and_mistyped_weights(trained, tiny_model_dir, tmp_path):
+    root, summary = trained
+    consolidated = root / "consolidated-check"
+    consolidate(summary["checkpoint"], model_dir=tiny_model_dir, output_dir=consolidated,
+                export=ExportConfig(max_shard_size="100KB"))  # fmt: skip
+    good = tmp_path / "good"
+    convert_hf(consolidated, model_dir=tiny_model_dir, output_dir=good)
+    assert check_export(good) == json.loads((good / INDEX_FILE).read_text())["metadata"]["total_size"]
+
+    def broken(name, edit):
+        target = tmp_path / name
+        shutil.copytree(good, target)
+        index = json.loads((target / INDEX_FILE).read_text())
+        edit(target, index)
+        (target / INDEX_FILE).write_text(json.dumps(index))
+        return target
+
+    def drop_one(target, index):
+        file = index["weight_map"]["model.norm.weight"]
+        tensors = load_file(target / file)
+        del tensors["model.norm.weight"], index["weight_map"]["model.norm.weight"]
+        save_file(tensors, target / file, metadata={"format": "pt"})
+
+    def reshape_one(target, index):
+        file = index["weight_map"]["model.norm.weight"]
+        tensors = load_file(target / file)
+        tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1]
+        save_file(tensors, target / file, metadata={"format": "pt"})
+
+    def retype_one(target, index):
+        file = index["weight_map"]["model.norm.weight"]
+        tensors = load_file(target / file)
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].bfloat16()
+        save_file(tensors, target / file, metadata={"format": "pt"})
+
+    def lose_a_file(target, index):
+        (target / index["weight_map"]["model.norm.weight"]).unlink()
+
+    cases = [(drop_one, r"1 weight\(s\) of the model are missing, e.g. \['model.norm.weight'\]"),
+             (reshape_one, r"model.norm.weight has shape \(63,\), the model needs \(64,\)"),
+             (retype_one, r"model.norm.weight is torch.bfloat16, but config.json says torch.float32"),
+             (lose_a_file, r"names model-\d+-of-\d+.safetensors, which does not exist")]  # fmt: skip
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_export(broken(edit.__name__, edit))
+
+
+def test_the_smoke_test_generates_only_below_the_size_limit(trained, tiny_model_dir, caplog):
+    root, summary = trained
+    consolidate(summary["checkpoint"], model_dir=tiny_model_dir, output_dir=root / "c-smoke", export=ExportConfig())
+    convert_hf(root / "c-smoke", model_dir=tiny_model_dir, output_dir=root / "hf-smoke")
+    size = check_export(root / "hf-smoke")
+    assert isinstance(smoke_test(root / "hf-smoke", prompt="Once", max_bytes=size), str)
+    with caplog.at_level("INFO"):
+        assert smoke_test(root / "hf-smoke", prompt="Once", max_bytes=size - 1) is None
+    assert "not loading the model to generate" in caplog.text and "export.smoke_test_max_size" in caplog.text

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 
 import datasets
 import pytest
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -21,7 +19,6 @@ from tests.test_export import eval_loss
 from tests.test_resume import model_tensors, start_job, wait_for_step
 from vectorlm.checkpoint import SafeFileSystemReader
 from vectorlm.config import ConfigError, ExportConfig, LoraSettings, TrainConfig
-from vectorlm.distributed import DistributedEnv
 from vectorlm.export import consolidate, convert_hf
 from vectorlm.launch import launch_training
 from vectorlm.lora import check_targets
@@ -55,17 +52,6 @@ def lora_run(tmp_path_factory, tiny_model_dir, packed_dir):
     return root, run
 
 
-@pytest.fixture
-def process_group():
-    """A one-rank gloo process group in this process, for looking inside a sharded model."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield DistributedEnv(0, 1, 0, 1, torch.device("cpu"))
-    dist.destroy_process_group()
-
-
 def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group, tiny_model_dir, packed_dir):
     train, lora = TrainConfig(mixed_precision=False), LoraSettings(**LORA)
     model, _ = build_model(tiny_model_dir, process_group, train=train, lora=lora, attention="sdpa")
@@ -76,7 +62,7 @@ def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == with_grad
-    optimizer = build_optimizer(model, train, process_group.device)
+    optimizer = build_optimizer(model, train)
     optimizer.step()
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
         p.numel() for n, p in model.named_parameters() if n in with_grad
@@ -91,6 +77,19 @@ def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group
         torch.testing.assert_close(fresh(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
 
 
+def test_with_mixed_precision_the_frozen_base_is_stored_in_bf16(process_group, tiny_model_dir):
+    model, _ = build_model(tiny_model_dir, process_group, train=TrainConfig(), lora=LoraSettings(**LORA),
+                           attention="sdpa")  # fmt: skip
+    base = load_file(tiny_model_dir / "model.safetensors")
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # adapters: fp32 masters
+    weight = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert torch.equal(frozen[weight].full_tensor(), base["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == bool(model.config.tie_word_embeddings)
+
+
 def test_checkpoints_hold_the_adapter_not_the_base(lora_run):
     root, run = lora_run
     saved = SafeFileSystemReader(run["summary"]["checkpoint"]).read_metadata().state_dict_metadata
@@ -98,6 +97,18 @@ def test_checkpoints_hold_the_adapter_not_the_base(lora_run):
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
     assert run["summary"]["trainable_parameters"] < run["summary"]["parameters"] / 5
     assert run["summary"]["final_eval_loss"] < run["summary"]["initial_eval_loss"]
+
+
+def test_streamed_merge_equals_peft_merge_and_unload_in_fp32(lora_run, tiny_model_dir):
+    root, _ = lora_run
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, root / "hf_adapter").merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(root / "hf_model", dtype=torch.float32).state_dict()
+    assert merged.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged[name], weight, rtol=1e-5, atol=1e-5)
+    assert load_file(root / "hf_adapter" / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn."
+                                                                       "q_proj.lora_A.weight"].dtype == torch.float32
 
 
 def test_adapter_on_base_equals_merged_model_and_the_training_loss(lora_run, tiny_model_dir, packed_dir):

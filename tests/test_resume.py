@@ -18,8 +18,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.conftest import run_training
-from vectorlm.checkpoint import SafeFileSystemReader, list_checkpoints, problem_with
-from vectorlm.config import TrainConfig
+from vectorlm.checkpoint import SafeFileSystemReader, UnsafeCheckpointError, list_checkpoints, problem_with
+from vectorlm.config import ExportConfig, TrainConfig
+from vectorlm.export import consolidate
 from vectorlm.preemption import PREEMPTED_EXIT_CODE
 from vectorlm.train import TrainJob
 
@@ -187,6 +188,58 @@ def test_metadata_unpickler_refuses_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle posix.system"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
     assert not Path("pwned").exists()
+
+
+def test_checkpoint_data_files_must_lie_inside_it(reference, tmp_path):
+    checkpoint = tmp_path / "step_24"
+    shutil.copytree(reference[0] / "checkpoints" / "step_24", checkpoint)
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # written by this test's own reference run
+    info = next(iter(metadata.storage_data.values()))
+    info.relative_path = "../../elsewhere.distcp"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match=r"a data file lies outside the checkpoint \(\.\./\.\./elsewhere"):
+        SafeFileSystemReader(str(checkpoint)).read_metadata()
+    assert "UnsafeCheckpointError" in problem_with(checkpoint)
+
+
+class CreatesFile:
+    """Unpickling this creates ``path``: the proof that a checkpoint entry ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_of_pickles_runs_no_code_on_resume_or_consolidation(reference, tmp_path, tiny_model_dir,
+                                                                          packed_dir):  # fmt: skip
+    """Every entry of the newest checkpoint, under its real name, replaced by a pickle that would create a file."""
+    ref_out, ref = reference
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(ref_out, out)
+    crafted = out / "checkpoints" / "step_24"
+    names = SafeFileSystemReader(str(crafted)).read_metadata().state_dict_metadata
+    for file in [*crafted.glob("*.distcp"), crafted / ".metadata"]:
+        file.unlink()
+    dcp.save({name: CreatesFile(marker) for name in names}, checkpoint_id=str(crafted), no_dist=True)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="is a BytesStorageMetadata, not a tensor"):
+        SafeFileSystemReader(str(crafted)).read_metadata()
+
+    with pytest.raises(UnsafeCheckpointError):
+        consolidate(crafted, model_dir=tiny_model_dir, output_dir=tmp_path / "consolidated", export=ExportConfig())
+    assert not marker.exists()
+
+    # The run's final checkpoint is unusable: set aside, and the run resumes from step 20 to the same model.
+    resumed = run_training(out, tiny_model_dir, packed_dir, **RUN)
+    assert not marker.exists()
+    log = (out / "logs" / "train.log").read_text()
+    assert f"checkpoint {crafted} is unusable (UnsafeCheckpointError" in log and "resumed from" in log
+    assert (out / "checkpoints" / "step_24.invalid").is_dir()
+    assert [s["step"] for s in resumed["steps"]] == list(range(1, 25))
+    assert max_difference(crafted, ref_out / "checkpoints" / "step_24") <= 1e-6
+    assert resumed["summary"]["final_eval_loss"] == pytest.approx(ref["summary"]["final_eval_loss"], abs=1e-6)
 
 
 def test_refusal_reaches_every_rank_before_any_work(tmp_path, tiny_model_dir, packed_dir):

@@ -1,11 +1,16 @@
 """Real multi-rank training runs (vectorlm.launch, gloo on CPU) on the tiny model."""
 
+import json
+import math
+import shutil
+
 import datasets
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, get_scheduler
 
 from tests.conftest import run_training
 from vectorlm.config import ConfigError
@@ -76,7 +81,15 @@ def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):
     assert [s["step"] for s in steps] == [5, 10, 15, 20, 25, 30]
     assert summary["final_eval_loss"] < 0.75 * summary["initial_eval_loss"]
     assert all(s["tokens_per_second"] > 0 and s["grad_norm"] > 0 and s["mfu"] is None for s in steps)
-    assert steps[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine schedule ends at 0
+    # The rate each step used: the schedule's value before it advanced (step 1 uses index 0).
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=3, num_training_steps=30)
+    used = []
+    for _ in range(30):
+        used.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [s["lr"] for s in steps] == pytest.approx([used[s["step"] - 1] for s in steps], rel=1e-12)
     checkpoint = tmp_path / "checkpoints" / "step_30"
     assert (checkpoint / ".metadata").is_file() and (checkpoint / "train_state.json").is_file()
     assert summary["checkpoint"] == str(checkpoint)
@@ -94,3 +107,17 @@ def test_hybrid_sharding_on_one_node_fails_clearly(tmp_path, tiny_model_dir, pac
     with pytest.raises(RuntimeError, match="training exited with status"):
         run_training(tmp_path, tiny_model_dir, packed_dir, max_steps=1, sharding="hybrid")
     assert "train.sharding: hybrid needs ranks on at least 2 nodes" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_training_stops_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_model_dir, packed_dir):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = math.nan  # every loss, hence every gradient norm, is NaN
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="training exited with status 1"):
+        run_training(tmp_path / "out", broken, packed_dir, max_steps=10, max_nonfinite_steps=3, micro_batch_size=4)
+    log = (tmp_path / "out" / "logs" / "train.log").read_text()
+    assert "3 steps in a row (by step 3) had a NaN or Inf gradient norm and were skipped" in log
+    records = [json.loads(line) for line in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in records if "loss" in r] == [(1, 1), (2, 2), (3, 3)]

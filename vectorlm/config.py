@@ -97,6 +97,11 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     log_every: int = 1
+    defer_gradient_sync: bool = False
+    max_nonfinite_steps: int = 5
+    async_checkpoint: bool = True
+    collective_timeout_minutes: float = 30
+    checkpoint_timeout_minutes: float = 180
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -148,13 +153,15 @@ class ExportConfig:
     dtype: str = "auto"
     smoke_test: bool = True
     smoke_test_prompt: str = "Once upon a time"
+    smoke_test_max_size: str = "8GB"
 
     def __post_init__(self) -> None:
-        parse_size(self.max_shard_size)
+        parse_size(self.max_shard_size, key="export.max_shard_size")
+        parse_size(self.smoke_test_max_size, key="export.smoke_test_max_size")
 
     @property
     def max_shard_bytes(self) -> int:
-        return parse_size(self.max_shard_size)
+        return parse_size(self.max_shard_size, key="export.max_shard_size")
 
 
 @dataclass(frozen=True)
@@ -261,14 +268,15 @@ def load_config(path: str | Path) -> Config:
     return Config.from_dict(yaml.safe_load(path.read_text()) or {})
 
 
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+               "TiB": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """``'5GB'`` -> 5_000_000_000."""
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(B|KB|MB|GB|KiB|MiB|GiB)", text)
+def parse_size(text: str, *, key: str) -> int:
+    """``'5GB'`` -> 5_000_000_000; a ConfigError naming ``key`` when ``text`` is no size."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", text)
     if not match:
-        raise ConfigError(f"export.max_shard_size: cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise ConfigError(f"{key}: cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 

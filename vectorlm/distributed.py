@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,11 +15,23 @@ from vectorlm.config import ConfigError
 
 @dataclass(frozen=True)
 class DistributedEnv:
+    """This rank's place in the job, and its process groups.
+
+    The default group (NCCL on GPUs) carries the training step's collectives, under
+    ``train.collective_timeout_minutes``. Waits that can be long because some rank does file work (resume planning,
+    reading and writing checkpoints and base weights) happen on CPU (gloo) groups under
+    ``train.checkpoint_timeout_minutes``, never inside an NCCL collective: ``cpu_group`` for the main thread's
+    coordination (barriers, object broadcasts, the step's token counts, stop requests) and ``checkpoint_group`` for
+    DCP, whose asynchronous saves run collectives from a background thread.
+    """
+
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     device: torch.device
+    cpu_group: dist.ProcessGroup | None = None
+    checkpoint_group: dist.ProcessGroup | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -29,7 +42,7 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistributedEnv:
+def init_distributed(*, collective_timeout_minutes: float = 30, checkpoint_timeout_minutes: float = 180) -> DistributedEnv:
     """Joins the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 
     Ranks started by ``srun`` have SLURM's variables instead, which submitit translates. Uses NCCL with one GPU per
@@ -44,14 +57,18 @@ def init_distributed() -> DistributedEnv:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    timeout = timedelta(minutes=collective_timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return DistributedEnv(rank, world_size, local_rank, local_world_size, device)
+        dist.init_process_group("gloo", timeout=timeout)
+    file_work = timedelta(minutes=checkpoint_timeout_minutes)
+    cpu_group = dist.new_group(backend="gloo", timeout=file_work)
+    checkpoint_group = dist.new_group(backend="gloo", timeout=file_work)
+    return DistributedEnv(rank, world_size, local_rank, local_world_size, device, cpu_group, checkpoint_group)
 
 
 def build_mesh(env: DistributedEnv, sharding: str) -> DeviceMesh:
@@ -76,8 +93,8 @@ def build_mesh(env: DistributedEnv, sharding: str) -> DeviceMesh:
     return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
 
 
-def all_reduce_sum(*values: float, device: torch.device) -> list[float]:
-    """Sums scalars over all ranks in one collective."""
+def all_reduce_sum(*values: float, device: torch.device, group: dist.ProcessGroup | None = None) -> list[float]:
+    """Sums scalars over all ranks in one collective (on a CPU ``group``: no device-to-host synchronisation)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=group)
     return tensor.tolist()

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-import struct
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +20,14 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from vectorlm.checkpoint import SafeFileSystemReader
-from vectorlm.config import ExportConfig, LoraSettings, read_stage_config, write_stage_config
-from vectorlm.lora import ADAPTER_FILES, apply_lora, merge_adapter, save_adapter
+from vectorlm.config import ExportConfig, LoraSettings, parse_size, read_stage_config, write_stage_config
+from vectorlm.lora import ADAPTER_FILES, apply_lora, save_adapter
+from vectorlm.merge import merge_adapter
 from vectorlm.model import build_empty_model, tied_parameter_names
+from vectorlm.shards import DTYPES, INDEX_FILE, read_header, weight_files, write_sharded
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 MODEL_PREFIX = "model."  # the training checkpoint holds {"model": ..., "optim": ...}
 
 
@@ -41,24 +39,12 @@ def export_dtype(export: ExportConfig, model_config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def weight_names(model_dir: str | Path, *, trust_remote_code: bool = False) -> list[str]:
-    """The model's state-dict names in order, without the duplicates of tied weights."""
+def weight_shapes(model_dir: str | Path, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shapes of the model's state dict in order (of the model its config describes, built on the meta device),
+    without the duplicates of tied weights."""
     model = build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code)
     tied = tied_parameter_names(model)
-    return [name for name in model.state_dict() if name not in tied]
-
-
-def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Consecutive groups of names whose tensors add up to at most ``max_bytes`` (a bigger tensor goes alone)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, size in sizes.items():
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
 def consolidate(
@@ -74,7 +60,7 @@ def consolidate(
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     # One process reads what all ranks wrote; DCP warns about the missing process group, which is intended here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    reader = SafeFileSystemReader(str(checkpoint))
+    reader = SafeFileSystemReader(str(checkpoint))  # reads (and checks) the checkpoint's metadata once, for all loads
     saved = reader.read_metadata().state_dict_metadata
     lora = LoraSettings(**read_stage_config(checkpoint).get("lora", {}))
     settings = {"export": {"dtype": export.dtype, "max_shard_size": export.max_shard_size}}
@@ -83,77 +69,31 @@ def consolidate(
         adapter = {k.removeprefix(MODEL_PREFIX): v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
         tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in adapter.items()}
         dcp.load({"model": tensors}, storage_reader=reader)
-        dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
         peft_model, _ = apply_lora(build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code),
                                    lora, seed=0)  # fmt: skip
-        save_adapter(peft_model, {k: t.to(dtype) for k, t in tensors.items()}, output_dir, base=str(model_dir))
+        # In training's fp32: peft computes adapters in fp32 whatever the base's dtype, and the merge adds them in fp32.
+        save_adapter(peft_model, tensors, output_dir, base=str(model_dir))
         write_stage_config(output_dir, settings, upstream=checkpoint)
         log.info("consolidated the LoRA adapter: %d tensors, %s parameters", len(tensors),
                  f"{sum(t.numel() for t in tensors.values()):,}")  # fmt: skip
-        return {"tensors": len(tensors), "adapter": True, "dtype": str(dtype)}
-    names = weight_names(model_dir, trust_remote_code=trust_remote_code)
+        return {"tensors": len(tensors), "adapter": True, "dtype": str(torch.float32)}
+    names = list(weight_shapes(model_dir, trust_remote_code=trust_remote_code))
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
     dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
     shapes = {n: tuple(saved[MODEL_PREFIX + n].size) for n in names}
-    sizes = {n: math.prod(shape) * dtype.itemsize for n, shape in shapes.items()}
 
     def load(group: list[str]) -> dict[str, torch.Tensor]:
         tensors = {n: torch.empty(shapes[n], dtype=saved[MODEL_PREFIX + n].properties.dtype) for n in group}
         dcp.load({"model": tensors}, storage_reader=reader)
         return tensors
 
-    shards = plan_shards(sizes, export.max_shard_bytes)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(output_dir / file_name, {n: shapes[n] for n in shard}, dtype=dtype, load=load)
-        weight_map.update(dict.fromkeys(shard, file_name))
-        log.info("wrote %s (%d tensors)", file_name, len(shard))
-    total = sum(sizes.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    index = write_sharded(output_dir, shapes, dtype=dtype, load=load, max_shard_bytes=export.max_shard_bytes)
     write_stage_config(output_dir, settings, upstream=checkpoint)
-    log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, len(shards))
-    return {"tensors": len(names), "bytes": total, "files": len(shards), "dtype": str(dtype)}
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-# Tensors read per DCP call when writing a shard. Measured on a 134M model (bench/consolidate_memory.py): peak RSS
-# above baseline 445 MB at 256 MiB, 192 MB at 64 MiB (then the largest tensor, read twice by DCP, dominates).
-LOAD_BUDGET_BYTES = 64 * 2**20
-
-
-def write_safetensors(
-    path: Path,
-    shapes: dict[str, tuple[int, ...]],
-    *,
-    dtype: torch.dtype,
-    load: Callable[[list[str]], dict[str, torch.Tensor]],
-) -> None:
-    """Writes one safetensors file, reading its tensors a few at a time (about ``LOAD_BUDGET_BYTES``).
-
-    ``safetensors.torch.save_file`` needs every tensor of the file in memory at once; the layout is simple enough
-    to stream (an 8-byte header length, a JSON header of dtypes, shapes and byte ranges, then the raw bytes), so
-    peak memory is a few tensors rather than a whole shard. The safetensors library reads the result (tests).
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for group in plan_shards({n: header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in shapes},
-                                 LOAD_BUDGET_BYTES):  # fmt: skip
-            tensors = load(group)
-            for name in group:
-                f.write(tensors.pop(name).to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    total, files = index["metadata"]["total_size"], len(set(index["weight_map"].values()))
+    log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, files)
+    return {"tensors": len(names), "bytes": total, "files": files, "dtype": str(dtype)}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -170,13 +110,15 @@ def convert_hf(
     output_dir: str | Path,
     adapter_dir: str | Path | None = None,
     smoke_test_prompt: str | None = None,
+    smoke_test_max_bytes: int | None = None,
     trust_remote_code: bool = False,
 ) -> Path:
     """Assembles a Hugging Face model directory: the consolidated weights with the base model's config, generation
     config, tokenizer (and custom code, if any), plus the resolved pipeline config.
 
     For a LoRA run, ``adapter_dir`` receives the adapter (with the tokenizer), and the model directory the base
-    model with the adapter merged in. With a ``smoke_test_prompt``, the written model is loaded back and generates.
+    model with the adapter merged in, shard by shard. With a ``smoke_test_prompt``, the written model is checked
+    (:func:`check_export`) and, when its weights are at most ``smoke_test_max_bytes``, loaded back to generate.
     """
     consolidated, model_dir, output_dir = Path(consolidated), Path(model_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +139,8 @@ def convert_hf(
         tokenizer.save_pretrained(adapter_dir)
         write_stage_config(adapter_dir, {}, upstream=consolidated)
         merge_adapter(model_dir, adapter_dir, output_dir, dtype=config.dtype,
-                      max_shard_size=stage["export"]["max_shard_size"], trust_remote_code=trust_remote_code)  # fmt: skip
+                      max_shard_bytes=parse_size(stage["export"]["max_shard_size"], key="export.max_shard_size"),
+                      trust_remote_code=trust_remote_code)  # fmt: skip
     else:
         index = json.loads((consolidated / INDEX_FILE).read_text())
         for name in sorted(set(index["weight_map"].values())) + [INDEX_FILE]:
@@ -212,17 +155,71 @@ def convert_hf(
     if trust_remote_code:
         for code in model_dir.glob("*.py"):
             shutil.copy2(code, output_dir / code.name)
-    settings = {"smoke_test": smoke_test_prompt is not None, "smoke_test_prompt": smoke_test_prompt}
+    settings = {"smoke_test": smoke_test_prompt is not None, "smoke_test_prompt": smoke_test_prompt,
+                "smoke_test_max_bytes": smoke_test_max_bytes}  # fmt: skip
     write_stage_config(output_dir, {"export": settings}, upstream=consolidated)
     if smoke_test_prompt is not None:
-        smoke_test(output_dir, prompt=smoke_test_prompt, trust_remote_code=trust_remote_code)
+        smoke_test(output_dir, prompt=smoke_test_prompt, max_bytes=smoke_test_max_bytes,
+                   trust_remote_code=trust_remote_code)  # fmt: skip
     log.info("Hugging Face model written to %s", output_dir)
     return output_dir
 
 
-def smoke_test(model_dir: str | Path, *, prompt: str, trust_remote_code: bool = False, num_tokens: int = 24) -> str:
-    """Loads the exported model as a user would and greedily continues ``prompt`` (as a user turn through the chat
-    template when the tokenizer has one); returns the text."""
+def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> int:
+    """Checks an exported model without loading its weights; returns their size in bytes.
+
+    Every weight of the model its config describes (built on the meta device) is in the files with its shape and,
+    for floating-point weights, the config's dtype; the index maps each tensor to the file that holds it, and lists
+    every tensor of its files; the tokenizer loads. Works at any size: only the files' headers are read.
+
+    Raises:
+        ValueError: naming the first problem found.
+    """
+    model_dir = Path(model_dir)
+    dtype = export_dtype(ExportConfig(), AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
+    expected = weight_shapes(model_dir, trust_remote_code=trust_remote_code)
+    listed = weight_files(model_dir)
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(set(listed.values())):
+        if not path.is_file():
+            raise ValueError(f"{model_dir}: {INDEX_FILE} names {path.name}, which does not exist")
+        for name, entry in read_header(path).items():
+            if listed.get(name) != path:
+                raise ValueError(f"{model_dir}: {path.name} holds {name}, which {INDEX_FILE} does not map to it")
+            found[name] = entry
+    if missing := [name for name in expected if name not in listed]:
+        raise ValueError(f"{model_dir}: {len(missing)} weight(s) of the model are missing, e.g. {missing[:3]}")
+    if unwritten := [name for name in listed if name not in found]:
+        raise ValueError(f"{model_dir}: {INDEX_FILE} lists {unwritten[:3]}, which its files do not hold")
+    for name, shape in expected.items():
+        entry = found[name]
+        if tuple(entry["shape"]) != shape:
+            raise ValueError(f"{model_dir}: {name} has shape {tuple(entry['shape'])}, the model needs {shape}")
+        written = DTYPES[entry["dtype"]]
+        if written.is_floating_point and written != dtype:
+            raise ValueError(f"{model_dir}: {name} is {written}, but config.json says {dtype}")
+    if extra := sorted(set(found) - set(expected)):
+        log.warning("%s holds %d tensor(s) the model does not use (from_pretrained ignores them): %s", model_dir,
+                    len(extra), ", ".join(extra[:5]))  # fmt: skip
+    AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    size = sum(entry["range"][1] - entry["range"][0] for entry in found.values())
+    log.info("checked %s: %d tensors, %.2f GB in %s, index complete, tokenizer loads", model_dir, len(found),
+             size / 1e9, dtype)  # fmt: skip
+    return size
+
+
+def smoke_test(
+    model_dir: str | Path, *, prompt: str, max_bytes: int | None = None, trust_remote_code: bool = False,
+    num_tokens: int = 24,
+) -> str | None:  # fmt: skip
+    """Checks the exported model (:func:`check_export`); then, when its weights are at most ``max_bytes`` (None: any
+    size), loads it as a user would and greedily continues ``prompt`` (as a user turn through the chat template when
+    the tokenizer has one). Returns the text, or None when the model was too big to load here."""
+    size = check_export(model_dir, trust_remote_code=trust_remote_code)
+    if max_bytes is not None and size > max_bytes:
+        log.info("smoke test: not loading the model to generate (%.1f GB of weights, above "
+                 "export.smoke_test_max_size: %.1f GB)", size / 1e9, max_bytes / 1e9)  # fmt: skip
+        return None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if tokenizer.chat_template:

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from vectorlm.config import ConfigError, LoraSettings
 
@@ -88,16 +88,3 @@ def save_adapter(peft_model: PeftModel, tensors: dict[str, torch.Tensor], output
     config = peft_model.peft_config[ADAPTER]
     config.base_model_name_or_path = base
     config.save_pretrained(str(output_dir))
-
-
-def merge_adapter(
-    model_dir: str | Path, adapter_dir: Path, output_dir: Path, *, dtype: torch.dtype, max_shard_size: str,
-    trust_remote_code: bool = False,
-) -> None:  # fmt: skip
-    """The base model with the adapter merged into its weights (``merge_and_unload``), saved as safetensors.
-
-    Reads the base model once into CPU memory; its files are only read.
-    """
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(output_dir), max_shard_size=max_shard_size)

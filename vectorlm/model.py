@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import init_empty_weights
 from torch import nn
@@ -91,9 +92,12 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def materialize(model: nn.Module, model_dir: str | Path, device: torch.device) -> None:
+def materialize(
+    model: nn.Module, model_dir: str | Path, device: torch.device, *, group: dist.ProcessGroup | None = None
+) -> None:
     """Allocates the (sharded) parameters on ``device`` and fills the base weights from the safetensors files in
-    ``model_dir``; each rank reads only its shards. LoRA adapters, if any, are left for :mod:`vectorlm.lora`."""
+    ``model_dir``; each rank reads only its shards (DCP coordinates the ranks over ``group``). LoRA adapters, if any,
+    are left for :mod:`vectorlm.lora`."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)
     with torch.no_grad():
@@ -102,9 +106,22 @@ def materialize(model: nn.Module, model_dir: str | Path, device: torch.device) -
     tied = tied_parameter_names(model)
     state = {base_weight_name(k): v for k, v in model.state_dict().items() if k not in tied and base_weight_name(k)}
     try:
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(model_dir)))
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(model_dir)), process_group=group)
     except Exception as error:  # DCP wraps per-rank failures; say which model could not be read.
         raise RuntimeError(f"cannot load the weights of {model_dir} into the model: {error}") from error
+
+
+def store_frozen_in_bf16(model: nn.Module) -> None:
+    """Stores the parameters that do not train (LoRA's base) in bf16, which mixed precision computes in anyway: half
+    the memory of fp32 (at 70B on 8 GPUs, 17.5 GB of base per GPU instead of 35). Ties between them are kept."""
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad or param.dtype == torch.bfloat16:
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.to(torch.bfloat16), requires_grad=False)
+            setattr(module, name, converted[id(param)])
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -133,11 +150,13 @@ def build_model(
     adapters = None
     if lora.enabled:
         model, adapters = apply_lora(model, lora, seed=train.seed)
+        if train.mixed_precision:
+            store_frozen_in_bf16(model)
     if train.activation_checkpointing:
         enable_activation_checkpointing(model)
     mesh = build_mesh(env, train.sharding)
     apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
-    materialize(model, model_dir, env.device)
+    materialize(model, model_dir, env.device, group=env.checkpoint_group)
     if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
         set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))
     return model, mesh

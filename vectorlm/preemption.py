@@ -1,6 +1,7 @@
 """Stopping cleanly on a signal: SLURM's warning before a time limit or preemption, ``kill``, or Ctrl-C.
 
-Every rank notes the signal; at the next step boundary the ranks agree (one all-reduce), save a checkpoint and exit
+Every rank notes the signal; at the next step boundary the ranks agree (one all-reduce on a CPU group, so it costs
+no device synchronisation), save a checkpoint, wait for it to be written, and exit
 with :data:`PREEMPTED_EXIT_CODE`, which tells the launcher, SLURM or the user that rerunning continues the run.
 """
 
@@ -29,8 +30,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank has received a stop signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([self.signal_name is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def agreed(self, group: dist.ProcessGroup | None) -> bool:
+        """True on every rank when any rank has received a stop signal (a collective over the CPU ``group``: call it
+        on all ranks)."""
+        flag = torch.tensor([self.signal_name is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

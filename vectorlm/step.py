@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -36,42 +37,62 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     )
 
 
-def num_loss_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(
-    model, optimizer, scheduler, micro_batches, *, env: DistributedEnv, max_grad_norm, hybrid: bool = False
-) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches of a global batch; returns global loss and grad norm.
+def set_gradient_sync(model: torch.nn.Module, *, last: bool, sharding: str, defer: bool) -> None:
+    """What FSDP2 communicates after a micro-step's backward.
 
-    Gradients are only reduced on the last micro-step. With hybrid sharding, only the all-reduce across nodes waits
-    for it: the reduce-scatter inside a node (fast links) still runs every micro-step, so gradients stay sharded
-    instead of holding an unsharded copy of the model's gradients.
+    By default every micro-step reduce-scatters its gradients (inside the shard group), so a rank only ever holds
+    its gradient shard; with hybrid or no sharding, the all-reduce across replicas (slow links between nodes) waits
+    for the last micro-step. ``defer`` (``train.defer_gradient_sync``) skips all communication until the last
+    micro-step, which keeps an unsharded fp32 gradient of every parameter on every rank until then.
     """
-    (global_loss_tokens,) = all_reduce_sum(sum(num_loss_tokens(b) for b in micro_batches), device=env.device)
-    # FSDP averages gradients over ranks; scaling by world size makes the result the mean over all loss tokens.
-    scale = env.world_size / max(global_loss_tokens, 1)
-    local_loss = torch.zeros((), device=env.device)
+    if defer:
+        model.set_requires_gradient_sync(last)
+    elif sharding != "full":
+        model.set_requires_all_reduce(last)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's results, left on the device (reading them synchronises with it)."""
+
+    loss_sum: torch.Tensor  # this rank's summed token loss
+    grad_norm: torch.Tensor  # the global gradient norm, the same on every rank
+    skipped: torch.Tensor  # 1.0 when the norm was not finite and the update was skipped, else 0.0
+    lr: float  # the learning rate the step used
+
+
+def train_step(
+    model, optimizer, scheduler, micro_batches, *, loss_scale: float, cfg: TrainConfig
+) -> StepOutput:
+    """One optimizer step over this rank's micro-batches of a global batch.
+
+    ``loss_scale`` is world size / loss tokens of the global batch: FSDP averages gradients over ranks, so the
+    result is the gradient of the mean loss over every loss token of the global batch. A step whose global gradient
+    norm is NaN or Inf changes no weight and no optimizer state (the fused AdamW skips it on the device, without a
+    host synchronisation); the schedule advances as for any step.
+    """
+    local_loss = torch.zeros((), device=next(model.parameters()).device)
     for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        if hybrid:
-            model.set_requires_all_reduce(last)
-        else:
-            model.set_requires_gradient_sync(last)
+        set_gradient_sync(model, last=index == len(micro_batches) - 1, sharding=cfg.sharding,
+                          defer=cfg.defer_gradient_sync)  # fmt: skip
         loss = loss_sum(model, batch)
-        (loss * scale).backward()
+        (loss * loss_scale).backward()
         local_loss += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    skipped = (~torch.isfinite(grad_norm)).float()
+    lr = scheduler.get_last_lr()[0]
+    # The protocol torch.amp.GradScaler uses with fused optimizers: found_inf > 0 makes the step a no-op.
+    optimizer.grad_scale, optimizer.found_inf = None, skipped
     optimizer.step()
+    del optimizer.grad_scale, optimizer.found_inf
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    (total_loss,) = all_reduce_sum(local_loss.item(), device=env.device)
-    return {"loss": total_loss / max(global_loss_tokens, 1), "grad_norm": float(grad_norm.full_tensor())}
+    return StepOutput(local_loss, grad_norm.detach(), skipped, lr)
 
 
 @torch.no_grad()
@@ -86,25 +107,30 @@ def evaluate(model, dataset: datasets.Dataset, *, env: DistributedEnv, cfg: Trai
     num_rounds = math.ceil(len(dataset) / rows_per_round)
     if cfg.eval_max_batches is not None:
         num_rounds = min(num_rounds, cfg.eval_max_batches)
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=env.device), 0
     for round_index in range(num_rounds):
         start = round_index * rows_per_round + env.rank * cfg.micro_batch_size
         indices = np.arange(start, min(start + cfg.micro_batch_size, len(dataset)))
         batch = fetch(dataset, indices if len(indices) else np.array([0]), flatten=flatten)
         if not len(indices):
             batch["labels"].fill_(IGNORE_INDEX)
-        total_loss += loss_sum(model, to_device(batch, env.device)).item()
-        total_tokens += num_loss_tokens(batch)
+            batch["num_loss_tokens"] = 0
+        total_loss += loss_sum(model, to_device(batch, env.device))
+        total_tokens += batch["num_loss_tokens"]
     model.train()
-    loss, tokens = all_reduce_sum(total_loss, total_tokens, device=env.device)
+    loss, tokens = all_reduce_sum(total_loss.item(), total_tokens, device=env.device)
     return loss / max(tokens, 1)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters).
+
+    Fused (one kernel for all parameters, on GPU and CPU): it can skip a step with non-finite gradients on the
+    device (:func:`train_step`).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda" or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)

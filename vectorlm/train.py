@@ -2,10 +2,11 @@
 
     python -m vectorlm.train JOB.yaml
 
-FSDP2 over all ranks; gradient accumulation without gradient sync on micro-steps; the loss averaged over every loss
-token of the global batch; clipping by the global gradient norm; eval loss at intervals; a metrics line per step;
-sharded checkpoints at intervals and at the end; exact resumption from the newest valid checkpoint; and on SIGTERM,
-SIGUSR1 or Ctrl-C a checkpoint at the next step boundary and exit status 75.
+FSDP2 over all ranks; gradient accumulation with sharded gradients; the loss averaged over every loss token of the
+global batch; clipping by the global gradient norm, and steps with a non-finite norm skipped; eval loss at intervals;
+a metrics line per logged step; sharded checkpoints at intervals and at the end, written in the background; exact
+resumption from the newest valid checkpoint; and on SIGTERM, SIGUSR1 or Ctrl-C a checkpoint at the next step
+boundary and exit status 75.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,15 @@ import torch.distributed as dist
 import yaml
 from transformers import get_scheduler
 
-from vectorlm.checkpoint import checkpoint_dir, checkpoints_root, load_checkpoint, save_checkpoint
+from vectorlm.checkpoint import Checkpointer, checkpoint_dir, checkpoints_root, load_checkpoint
 from vectorlm.config import ConfigError, LoraSettings, TrainConfig, to_plain
 from vectorlm.data.arrow import list_lengths
-from vectorlm.data.loader import GlobalBatchSampler, fetch, rank_slices
+from vectorlm.data.loader import DataPosition, GlobalBatchSampler
+from vectorlm.data.prefetch import Prefetcher
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distributed
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import setup_logging
-from vectorlm.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_mb
+from vectorlm.metrics import MetricsLog, StepMeter, peak_flops, peak_memory_mb, training_flops
 from vectorlm.model import build_model, count_parameters, resolve_attention
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from vectorlm.resume import StartPlan, plan_start, run_fingerprint
@@ -74,6 +76,10 @@ class TrainJob:
         return cls(**{**raw, "train": TrainConfig(**raw["train"]), "lora": LoraSettings(**raw.get("lora", {}))})
 
 
+class NonFiniteGradients(RuntimeError):
+    """Too many steps in a row had a NaN or Inf gradient norm."""
+
+
 class Trainer:
     """One rank's share of a training run: set-up, the loop, checkpoints."""
 
@@ -90,11 +96,13 @@ class Trainer:
         self.max_steps = self.cfg.max_steps or math.ceil(self.cfg.num_epochs * self.sampler.steps_per_epoch)
         self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed,
                                            lora=job.lora)  # fmt: skip
+        self.position = DataPosition()  # after the last step trained
         self.eval_losses: dict[int, float] = {}
         self.throughput: list[float] = []
+        self.skipped_steps = 0  # before this run started (from the checkpoint)
 
     def build(self) -> None:
-        """The sharded model (weights read from the base model), optimizer and schedule."""
+        """The sharded model (weights read from the base model), optimizer, schedule, data and checkpoint writer."""
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed + env.rank)
         self.attention = resolve_attention(cfg.attention, env.device)
@@ -103,15 +111,17 @@ class Trainer:
                                   trust_remote_code=self.job.trust_remote_code)  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
-        self.optimizer = build_optimizer(model, cfg, env.device)
+        self.optimizer = build_optimizer(model, cfg)
         self.scheduler = get_scheduler(
             cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.max_steps
         )
-        self.flops_per_token = flops_per_token(
-            model.config, num_params=self.num_params, seq_len=self.fingerprint["max_seq_len"],
-            frozen_base=self.job.lora.enabled,
-        )  # fmt: skip
+        self.flops = training_flops(model)
         self.peak_flops = peak_flops(env.device)
+        self.meter = StepMeter(world_size=env.world_size, device=env.device, flops=self.flops, peak=self.peak_flops)
+        self.prefetcher = Prefetcher(self.packed["train"], self.sampler, rank=env.rank, world_size=env.world_size,
+                                     micro_batch_size=cfg.micro_batch_size, flatten=self.flatten,
+                                     pin_memory=env.device.type == "cuda")  # fmt: skip
+        self.checkpointer = Checkpointer(group=env.checkpoint_group, asynchronous=cfg.async_checkpoint, device=env.device)
         log.info(
             "training %s (%s parameters, %s trainable, attention %s) on %d rank(s) of %s, %s sharding over mesh %s: "
             "%d steps of %d rows (%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",
@@ -130,13 +140,16 @@ class Trainer:
         state = plan.state
         same_world = state["world_size"] == self.env.world_size
         seconds = load_checkpoint(Path(plan.checkpoint), model=self.model, optimizer=self.optimizer,
-                                  restore_rng=same_world, trainable_only=self.job.lora.enabled)  # fmt: skip
+                                  restore_rng=same_world, trainable_only=self.job.lora.enabled,
+                                  group=self.env.checkpoint_group)  # fmt: skip
         self.sampler.load_state_dict(state["data"])
+        self.position = DataPosition(**state["data"])
         with warnings.catch_warnings():  # the schedule is replayed without optimizer steps on purpose
             warnings.simplefilter("ignore")
             for _ in range(state["step"]):
                 self.scheduler.step()
         self.eval_losses = {int(k): v for k, v in state["eval_losses"].items()}
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main)
         self.metrics.truncate_after(state["step"])
         log.info("resumed from %s: step %d, epoch %d, row %d, loaded in %.2f s%s", plan.checkpoint, state["step"],
@@ -146,52 +159,67 @@ class Trainer:
         return state["step"]
 
     def evaluate(self, step: int) -> None:
-        loss = evaluate(self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten)
+        with self.meter.paused():
+            loss = evaluate(self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten)
         self.eval_losses[step] = loss
         log.info("step %d | eval_loss %.4f", step, loss)
         self.metrics.write({"step": step, "eval_loss": loss})
 
     def step(self, step: int) -> None:
-        start = time.perf_counter()
-        batch = self.sampler.next_batch()
-        indices = rank_slices(batch, rank=self.env.rank, world_size=self.env.world_size,
-                              micro_batch_size=self.cfg.micro_batch_size)  # fmt: skip
-        micro_batches = [to_device(fetch(self.packed["train"], i, flatten=self.flatten), self.env.device) for i in indices]
-        result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, env=self.env,
-                            max_grad_norm=self.cfg.max_grad_norm, hybrid=self.cfg.sharding == "hybrid")  # fmt: skip
-        (tokens,) = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), device=self.env.device)
-        seconds = time.perf_counter() - start
-        peak = self.peak_flops
-        record = {
-            "step": step,
-            **result,
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens": int(tokens),
-            "tokens_per_second": tokens / seconds,
-            "mfu": self.flops_per_token * tokens / seconds / (peak * self.env.world_size) if peak else None,
-            "epoch": self.sampler.position.epoch,
-        }
-        self.throughput.append(record["tokens_per_second"])
+        env = self.env
+        batches, self.position = self.prefetcher.next()
+        # Counted on the CPU when collating and summed over a CPU group: no wait for the device.
+        tokens, loss_tokens, squared = all_reduce_sum(
+            sum(b["num_tokens"] for b in batches), sum(b["num_loss_tokens"] for b in batches),
+            sum(b["sum_squared_lengths"] for b in batches), device=torch.device("cpu"), group=env.cpu_group,
+        )  # fmt: skip
+        micro_batches = [to_device(b, env.device) for b in batches]
+        output = train_step(self.model, self.optimizer, self.scheduler, micro_batches,
+                            loss_scale=env.world_size / max(loss_tokens, 1), cfg=self.cfg)  # fmt: skip
+        self.meter.add(output, tokens=tokens, sum_squared_lengths=squared)
         if step % self.cfg.log_every == 0 or step == self.max_steps:
+            record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch}
+            record["skipped_steps"] += self.skipped_steps
+            self.throughput.append(record["tokens_per_second"])
             log.info(_format(record, self.max_steps))
             self.metrics.write(record)
+            if self.meter.longest_skip_run >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteGradients(
+                    f"{self.meter.longest_skip_run} steps in a row (by step {step}) had a NaN or Inf gradient norm and "
+                    f"were skipped (train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}): lower train.lr, check "
+                    "the data, or resume from an earlier checkpoint"
+                )
 
-    def save(self, step: int, *, final: bool) -> Path:
+    def save(self, step: int, *, final: bool, wait: bool = False) -> Path:
         state = {
             "step": step,
             "final": final,
             "world_size": self.env.world_size,
-            "data": self.sampler.state_dict(),
+            "data": asdict(self.position),
             "fingerprint": self.fingerprint,
             "train": to_plain(self.cfg),
-            "eval_losses": self.eval_losses,
+            "eval_losses": dict(self.eval_losses),
+            "skipped_steps": self.total_skipped_steps(),
             "summary": self.summary(step) if final else None,
         }
         path = checkpoint_dir(self.job.output_dir, step)
-        save_checkpoint(path, model=self.model, optimizer=self.optimizer, train_state=state,
-                        settings={"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed,
-                        keep=self.cfg.keep_checkpoints, trainable_only=self.job.lora.enabled)  # fmt: skip
+        start = time.perf_counter()
+        with self.meter.paused():
+            self.checkpointer.save(
+                path, model=self.model, optimizer=self.optimizer, train_state=state,
+                settings={"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed,
+                keep=self.cfg.keep_checkpoints, trainable_only=self.job.lora.enabled,
+            )  # fmt: skip
+            if wait:
+                self.checkpointer.wait()
+        background = self.cfg.async_checkpoint and not wait
+        log.info("checkpoint of step %d: training held up %.2f s%s", step, time.perf_counter() - start,
+                 ", the rest is written in the background" if background else "")  # fmt: skip
         return path
+
+    def total_skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient norm in the whole run, resumed parts included."""
+        return self.skipped_steps + self.meter.total_skips()
 
     def summary(self, step: int) -> dict[str, Any]:
         return {
@@ -205,34 +233,42 @@ class Trainer:
             "attention": self.attention,
             "parameters": self.num_params,
             "trainable_parameters": self.num_trainable,
+            "skipped_steps": self.total_skipped_steps(),
             "peak_memory_mb": peak_memory_mb(self.env.device),
         }
 
     def fit(self, first_step: int, stop: StopRequest) -> bool:
         """Trains from ``first_step`` to the end; returns False when stopped early by a signal."""
-        if first_step == 1:
-            self.evaluate(0)
-        for step in range(first_step, self.max_steps + 1):
-            self.step(step)
-            if step == self.max_steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
-                self.evaluate(step)
-            if step == self.max_steps:
-                self.save(step, final=True)
-                return True
-            stopping = stop.agreed(self.env.device)
-            if stopping or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
-                self.save(step, final=False)
-            if stopping:
-                log.warning("received %s: saved a checkpoint at step %d; exiting with status %d, rerun to continue",
-                            stop.signal_name or "a stop signal on another rank", step, PREEMPTED_EXIT_CODE)  # fmt: skip
-                return False
-        raise AssertionError("unreachable: the loop returns at max_steps")
+        try:
+            if first_step == 1:
+                self.evaluate(0)
+            self.meter.start()
+            for step in range(first_step, self.max_steps + 1):
+                self.step(step)
+                if step == self.max_steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
+                    self.evaluate(step)
+                if step == self.max_steps:
+                    self.save(step, final=True, wait=True)
+                    return True
+                stopping = stop.agreed(self.env.cpu_group)
+                if stopping or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
+                    self.save(step, final=False, wait=stopping)
+                if stopping:
+                    log.warning("received %s: saved a checkpoint at step %d; exiting with status %d, rerun to "
+                                "continue", stop.signal_name or "a stop signal on another rank", step,
+                                PREEMPTED_EXIT_CODE)  # fmt: skip
+                    return False
+            raise AssertionError("unreachable: the loop returns at max_steps")
+        finally:  # on an error, possibly on this rank alone, no collective: only this rank's save is finished
+            self.prefetcher.close()
+            self.checkpointer.close(agree=sys.exc_info()[0] is None)
 
 
 def run(job: TrainJob) -> int:
     """Trains on this rank within the process group given by the environment; returns the exit status."""
     stop = StopRequest()
-    env = init_distributed()
+    env = init_distributed(collective_timeout_minutes=job.train.collective_timeout_minutes,
+                           checkpoint_timeout_minutes=job.train.checkpoint_timeout_minutes)  # fmt: skip
     setup_logging(rank=env.rank)
     try:
         _log_placement(env)
@@ -262,12 +298,13 @@ def _log_placement(env: DistributedEnv) -> None:
         mine += f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}"
     mine += ")"
     everyone: list[Any] = [None] * env.world_size
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=env.cpu_group)
     log.info("ranks: %s", ", ".join(f"{rank}@{where}" for rank, where in enumerate(everyone)))
 
 
 def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> StartPlan:
-    """Rank 0 inspects (and may tidy) the checkpoints; every rank gets its decision, or its error."""
+    """Rank 0 inspects (and may tidy) the checkpoints; every rank gets its decision, or its error (waiting on a CPU
+    group: this file work can outlast an NCCL timeout on a slow shared filesystem)."""
     decision: list[Any] = [None]
     if env.is_main:
         try:
@@ -275,7 +312,7 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
                                      train=to_plain(job.train), max_steps=trainer.max_steps)  # fmt: skip
         except ConfigError as error:
             decision[0] = str(error)
-    dist.broadcast_object_list(decision, src=0)
+    dist.broadcast_object_list(decision, src=0, group=env.cpu_group)
     if isinstance(decision[0], str):
         raise ConfigError(decision[0])
     return decision[0]
@@ -283,9 +320,10 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
 
 def _format(record: dict[str, Any], max_steps: int) -> str:
     mfu = f" | mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    skipped = f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
     return (
         f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-        f"grad_norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_second']:,.0f}{mfu}"
+        f"grad_norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_second']:,.0f}{mfu}{skipped}"
     )
 
 

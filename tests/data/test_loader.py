@@ -14,6 +14,15 @@ def test_epochs_are_permutations_and_drop_the_tail():
     assert sampler.state_dict() == {"epoch": 1, "offset": 4}
 
 
+def test_order_is_each_epochs_seeded_permutation_across_epochs():
+    """The per-epoch cache must not change the order resumable checkpoints were written with."""
+    sampler = GlobalBatchSampler(30, global_batch_size=7, seed=4)
+    drawn = [sampler.next_batch() for _ in range(12)]  # 4 steps per epoch, 3 epochs
+    for epoch in range(3):
+        expected = np.random.default_rng([4, epoch]).permutation(30)[:28]
+        assert np.concatenate(drawn[4 * epoch : 4 * epoch + 4]).tolist() == expected.tolist()
+
+
 def test_order_depends_on_seed_only():
     a, b, c = (GlobalBatchSampler(100, global_batch_size=8, seed=s) for s in (1, 1, 2))
     assert a.next_batch().tolist() == b.next_batch().tolist() != c.next_batch().tolist()
@@ -54,6 +63,14 @@ def test_padded_collate():
     assert batch["input_ids"].shape == (2, 4) and batch["num_tokens"] == 6
     assert batch["labels"][1].tolist() == [-100, 10, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["position_ids"][1].tolist() == [0, 1, 0, 1]  # padding is its own isolated "document"
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_collate_counts_on_the_cpu_what_training_needs(flatten):
+    batch = collate(ROWS, flatten=flatten)
+    assert batch["num_tokens"] == 6
+    assert batch["num_loss_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 3
+    assert batch["sum_squared_lengths"] == 2**2 + 2**2 + 2**2  # three documents of 2 tokens; padding not counted
 
 
 def test_flattened_collate_for_flash_attention():
