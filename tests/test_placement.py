@@ -41,8 +41,8 @@ def test_resources_that_cannot_work(resources, train, message):
 
 def test_srun_command_spans_nodes():
     command = srun_command(["python", "-m", "vectorlm.train", "job.yaml"], Placement(8, 2, 6))
-    assert command[:6] == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=6",
-                           "--kill-on-bad-exit=1"]  # fmt: skip
+    assert command[:7] == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=6",
+                           "--kill-on-bad-exit=0", "--wait=60"]  # fmt: skip
     assert command[-1] == "job.yaml"
 
 

@@ -38,6 +38,10 @@ from vectorlm.train import TrainJob
 log = logging.getLogger(__name__)
 
 FAILURE_GRACE_SECONDS = 10
+# How long srun lets the other ranks finish once one has exited, whatever its status, before it kills them. Not
+# --kill-on-bad-exit: ranks that stop on a signal exit with status 75 one after another (each tears down its process
+# groups and threads), and srun would kill the slower ones halfway, turning "preempted" into "killed".
+SRUN_EXIT_WAIT_SECONDS = 60
 
 
 class Preempted(RuntimeError):
@@ -53,7 +57,7 @@ def srun_command(command: list[str], placement: Placement) -> list[str]:
     return [
         "srun", f"--nodes={placement.nodes}", f"--ntasks={placement.ranks}",
         f"--ntasks-per-node={placement.ranks_per_node}", f"--cpus-per-task={placement.cpus_per_rank}",
-        "--kill-on-bad-exit=1", *command,
+        "--kill-on-bad-exit=0", f"--wait={SRUN_EXIT_WAIT_SECONDS}", *command,
     ]  # fmt: skip
 
 
