@@ -59,6 +59,7 @@ def merge_adapter(
             getattr(module, layer_name).to_empty(device="cpu")
     adapter = {k: v.float() for k, v in load_file(adapter_dir / ADAPTER_WEIGHTS).items()}
     result = set_peft_model_state_dict(peft_model, adapter, adapter_name=ADAPTER)
+    del adapter  # copied into the model's adapter layers
     if result.unexpected_keys or any(".lora_" in key for key in result.missing_keys):
         raise ValueError(f"{adapter_dir}: the adapter does not fit {model_dir} (unexpected: "
                          f"{result.unexpected_keys[:3]}, missing: {[k for k in result.missing_keys if '.lora_' in k][:3]})")  # fmt: skip
