@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import run_on_ranks  # noqa: E402
+from tests.conftest import run_on_ranks
 
 
 def save_both_ways(env, model_dir: Path, root: Path, saves: int) -> None:

@@ -84,8 +84,10 @@ def main() -> None:
         peak = peak_rss_mb("consolidate", str(checkpoint), str(model), f"{tmp}/out")
     print(f"model weights: {weights / 1e6:.0f} MB (fp32 safetensors)")
     print(f"baseline process (imports + meta model): {baseline:.0f} MB peak RSS")
-    print(f"consolidate: {peak:.0f} MB peak RSS, {peak - baseline:.0f} MB above baseline "
-          f"= {(peak - baseline) / (weights / 1e6):.2f} x the model")
+    print(
+        f"consolidate: {peak:.0f} MB peak RSS, {peak - baseline:.0f} MB above baseline "
+        f"= {(peak - baseline) / (weights / 1e6):.2f} x the model"
+    )
 
 
 if __name__ == "__main__":

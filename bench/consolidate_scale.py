@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vectorlm.export  # noqa: E402
-from vectorlm.checkpoint import SafeFileSystemReader, read_metadata_file  # noqa: E402
-from vectorlm.config import ExportConfig  # noqa: E402
+import vectorlm.export
+from vectorlm.checkpoint import SafeFileSystemReader, read_metadata_file
+from vectorlm.config import ExportConfig
 
 warnings.filterwarnings("ignore")
 
@@ -146,14 +146,18 @@ def main() -> None:
             rows.append(row)
             shutil.rmtree(checkpoint)
             print(f"hidden {hidden}: written in {written:.0f} s", file=sys.stderr)
-    print(f"{args.layers} layers, {args.ranks} ranks' shards, fp32 export; metadata: "
-          f"{rows[0]['chunks']:,} chunks, {rows[0]['metadata_mb']:.1f} MB, {rows[0]['one_read']:.2f} s per read")
+    print(
+        f"{args.layers} layers, {args.ranks} ranks' shards, fp32 export; metadata: "
+        f"{rows[0]['chunks']:,} chunks, {rows[0]['metadata_mb']:.1f} MB, {rows[0]['one_read']:.2f} s per read"
+    )
     print(f"{'hidden':>6} {'export GB':>10} {'seconds':>8} {'s/GB':>6}   {'re-reading metadata each call':>30}")
     for row in rows:
         old = (f"{row['old_seconds']:.1f} s ({row['old_reads']} reads, {row['old_seconds'] / row['gb']:.1f} s/GB)"
                if "old_seconds" in row else "")  # fmt: skip
-        print(f"{row['hidden']:>6} {row['gb']:>10.2f} {row['seconds']:>8.1f} {row['seconds'] / row['gb']:>6.1f}   "
-              f"{old:>30}")
+        print(
+            f"{row['hidden']:>6} {row['gb']:>10.2f} {row['seconds']:>8.1f} {row['seconds'] / row['gb']:>6.1f}   "
+            f"{old:>30}"
+        )
     if len(rows) > 1:  # seconds = fixed (per chunk, the same at every size here) + slope x GB
         slope, fixed = np.polyfit([r["gb"] for r in rows], [r["seconds"] for r in rows], 1)
         residuals = ", ".join(f"{r['seconds'] - fixed - slope * r['gb']:+.1f} s" for r in rows)

@@ -92,7 +92,9 @@ def main() -> None:
             "LoRA merge, check + generate": ("lora-generate", adapter),
             "peft merge_and_unload (before)": ("peft-merge", adapter),
         }
-        peaks = {name: peak_rss_mb(what, str(source), str(model), str(tmp / what)) for name, (what, source) in runs.items()}
+        peaks = {
+            name: peak_rss_mb(what, str(source), str(model), str(tmp / what)) for name, (what, source) in runs.items()
+        }
     print(f"model: {size / 4e6:.0f}M parameters, {size / 1e6:.0f} MB in fp32; baseline process {baseline:.0f} MB")
     print(f"{'convert_hf':<32} {'peak RSS':>9} {'above baseline':>15} {'x model size':>13}")
     for name, peak in peaks.items():

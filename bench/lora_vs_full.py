@@ -18,11 +18,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import run_training  # noqa: E402
-from vectorlm.config import DataConfig  # noqa: E402
-from vectorlm.data.pack import run_pack  # noqa: E402
-from vectorlm.data.tokenize import run_tokenize  # noqa: E402
-from vectorlm.example import build_example_model  # noqa: E402
+from tests.conftest import run_training
+from vectorlm.config import DataConfig
+from vectorlm.data.pack import run_pack
+from vectorlm.data.tokenize import run_tokenize
+from vectorlm.example import build_example_model
 
 
 def main() -> None:
@@ -39,12 +39,15 @@ def main() -> None:
         run_tokenize(model_dir=model, data=DataConfig(train=str(REPO / "examples/tiny/corpus.jsonl")),
                      output_dir=tmp / "tok")  # fmt: skip
         run_pack(tokenized_dir=tmp / "tok", max_seq_len=256, output_dir=tmp / "packed")
-        train = dict(max_steps=args.steps, lr=1e-4, micro_batch_size=4, global_batch_size=16, log_every=1)
+        train = {"max_steps": args.steps, "lr": 1e-4, "micro_batch_size": 4, "global_batch_size": 16, "log_every": 1}
         results = {}
         for name, lora in (("full", None), ("lora", {"enabled": True, "r": 16, "alpha": 32})):
             run = run_training(tmp / name, model, tmp / "packed", num_processes=args.ranks, lora=lora, **train)
             checkpoint = Path(run["summary"]["checkpoint"])
-            results[name] = {**run["summary"], "checkpoint_mb": sum(f.stat().st_size for f in checkpoint.rglob("*")) / 1e6}
+            results[name] = {
+                **run["summary"],
+                "checkpoint_mb": sum(f.stat().st_size for f in checkpoint.rglob("*")) / 1e6,
+            }
     print(f"{'':6} {'parameters':>12} {'trainable':>12} {'tokens/s':>10} {'peak RSS rank 0':>16} {'checkpoint':>11}")
     for name, r in results.items():
         print(f"{name:6} {r['parameters']:>12,} {r['trainable_parameters']:>12,} {r['tokens_per_second']:>10,.0f} "

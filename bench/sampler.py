@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vectorlm.data.loader import GlobalBatchSampler  # noqa: E402
+from vectorlm.data.loader import GlobalBatchSampler
 
 
 def recompute_every_step(num_rows: int, batch: int, seed: int, step: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "tiny"))
-from make_corpus import story  # noqa: E402
+from make_corpus import story
 
 CHILD = r"""
 import json, sys, threading, time

@@ -112,4 +112,6 @@ def run_on_ranks(fn, world_size: int, *args, init: dict | None = None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank_entry, args=(world_size, port, fn, args, init or {}), nprocs=world_size, join=True)
+    torch.multiprocessing.spawn(
+        _rank_entry, args=(world_size, port, fn, args, init or {}), nprocs=world_size, join=True
+    )

@@ -137,7 +137,10 @@ def test_load_config_round_trip(tmp_path):
     ("data", "message"),
     [
         ({"prompt_field": "q"}, "data.prompt_field and data.response_field go together"),
-        ({"messages_field": "m", "separator": "###"}, "choose one kind of instruction data; got data.messages_field and data.separator"),
+        (
+            {"messages_field": "m", "separator": "###"},
+            "choose one kind of instruction data; got data.messages_field and data.separator",
+        ),
         ({"chat_template": "{{ x }}"}, "data.chat_template renders chat rows: it needs data.messages_field"),
         ({"chunk_overlap": 32}, r"data.chunk_overlap \(32\) must be below half of max_seq_len \(64\)"),
     ],
@@ -152,7 +155,11 @@ def test_data_options_that_contradict_each_other(data, message):
     [
         ({}, "text", {"text": "data.text_field"}),
         ({"separator": "###", "text_field": "body"}, "separator", {"body": "data.text_field"}),
-        ({"prompt_field": "q", "response_field": "a"}, "prompt_response", {"q": "data.prompt_field", "a": "data.response_field"}),
+        (
+            {"prompt_field": "q", "response_field": "a"},
+            "prompt_response",
+            {"q": "data.prompt_field", "a": "data.response_field"},
+        ),
         ({"messages_field": "conv"}, "messages", {"conv": "data.messages_field"}),
     ],
 )

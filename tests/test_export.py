@@ -18,7 +18,7 @@ from vectorlm.export import check_export, consolidate, convert_hf, smoke_test
 from vectorlm.shards import INDEX_FILE
 from vectorlm.step import loss_sum
 
-TRAIN = dict(max_steps=6, lr=3e-3, micro_batch_size=4, global_batch_size=8, mixed_precision=False)
+TRAIN = {"max_steps": 6, "lr": 3e-3, "micro_batch_size": 4, "global_batch_size": 8, "mixed_precision": False}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def eval_loss(model, packed_dir) -> float:
 
 def test_exported_model_reproduces_the_training_eval_loss(trained, tiny_model_dir, packed_dir):
     root, summary = trained
-    consolidate(summary["checkpoint"], model_dir=tiny_model_dir, output_dir=root / "consolidated", export=ExportConfig())
+    consolidate(
+        summary["checkpoint"], model_dir=tiny_model_dir, output_dir=root / "consolidated", export=ExportConfig()
+    )
     convert_hf(root / "consolidated", model_dir=tiny_model_dir, output_dir=root / "hf", smoke_test_prompt="Once")
     model = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="sdpa")
     assert eval_loss(model, packed_dir) == pytest.approx(summary["final_eval_loss"], rel=1e-5)
@@ -72,7 +74,7 @@ def test_sharded_bf16_export(trained, tiny_model_dir):
     assert set(index["weight_map"]) == set(reference.state_dict())
     for name in files:
         with safe_open(out / name, framework="pt") as f:
-            assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+            assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118 (not a dict)
     convert_hf(out, model_dir=tiny_model_dir, output_dir=root / "hf_bf16")
     model = AutoModelForCausalLM.from_pretrained(root / "hf_bf16")
     assert model.dtype == torch.bfloat16
@@ -84,7 +86,7 @@ def test_tied_embeddings_export(tmp_path, packed_dir):
         CORPUS, tmp_path / "tied", vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, tie_word_embeddings=True
     )
     model = LlamaForCausalLM.from_pretrained(model_dir)
-    assert "lm_head.weight" not in safe_open(model_dir / "model.safetensors", "pt").keys()
+    assert "lm_head.weight" not in safe_open(model_dir / "model.safetensors", "pt").keys()  # noqa: SIM118
     summary = run_training(tmp_path / "run", model_dir, packed_dir, **{**TRAIN, "max_steps": 2})["summary"]
     consolidate(summary["checkpoint"], model_dir=model_dir, output_dir=tmp_path / "c", export=ExportConfig())
     convert_hf(tmp_path / "c", model_dir=model_dir, output_dir=tmp_path / "hf")
@@ -96,7 +98,7 @@ def test_tied_embeddings_export(tmp_path, packed_dir):
 
 
 def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
-    root, summary = trained
+    _root, summary = trained
     other = build_example_model(CORPUS, tmp_path / "other", vocab_size=300, hidden_size=64, num_layers=3, num_heads=2)
     with pytest.raises(ValueError, match=r"lacks weights of .*other: model\.layers\.2\."):
         consolidate(summary["checkpoint"], model_dir=other, output_dir=tmp_path / "c", export=ExportConfig())

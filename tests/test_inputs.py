@@ -33,5 +33,7 @@ def test_inputs_are_checked_before_any_job(tmp_path, tiny_model_dir, corpus_rows
     check_inputs(config)
     prompts = Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "prompt_field": "q",
                                                               "response_field": "a"}})  # fmt: skip
-    with pytest.raises(DataError, match=r"rows have no field 'q' \(config key data\.prompt_field\); fields found: text"):
+    with pytest.raises(
+        DataError, match=r"rows have no field 'q' \(config key data\.prompt_field\); fields found: text"
+    ):
         check_inputs(prompts)

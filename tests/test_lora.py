@@ -28,8 +28,8 @@ from vectorlm.step import build_optimizer, loss_sum
 from vectorlm.train import TrainJob
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-RUN = dict(max_steps=12, lr=1e-2, micro_batch_size=2, global_batch_size=8, mixed_precision=False, checkpoint_every=4,
-           eval_every=12, seed=7)  # fmt: skip
+RUN = {"max_steps": 12, "lr": 1e-2, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False,
+       "checkpoint_every": 4, "eval_every": 12, "seed": 7}  # fmt: skip
 
 
 def digest(directory) -> str:
@@ -74,7 +74,9 @@ def test_only_adapter_parameters_get_gradients_and_optimizer_state(process_group
     with torch.no_grad():
         fresh, _ = build_model(tiny_model_dir, process_group, train=train, lora=lora, attention="sdpa")
         fresh.eval()
-        torch.testing.assert_close(fresh(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits)
+        torch.testing.assert_close(
+            fresh(input_ids=batch["input_ids"]).logits, base(input_ids=batch["input_ids"]).logits
+        )
 
 
 def test_with_mixed_precision_the_frozen_base_is_stored_in_bf16(process_group, tiny_model_dir):
@@ -91,7 +93,7 @@ def test_with_mixed_precision_the_frozen_base_is_stored_in_bf16(process_group, t
 
 
 def test_checkpoints_hold_the_adapter_not_the_base(lora_run):
-    root, run = lora_run
+    _root, run = lora_run
     saved = SafeFileSystemReader(run["summary"]["checkpoint"]).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
@@ -107,8 +109,12 @@ def test_streamed_merge_equals_peft_merge_and_unload_in_fp32(lora_run, tiny_mode
     assert merged.keys() == expected.keys()
     for name, weight in expected.items():
         torch.testing.assert_close(merged[name], weight, rtol=1e-5, atol=1e-5)
-    assert load_file(root / "hf_adapter" / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn."
-                                                                       "q_proj.lora_A.weight"].dtype == torch.float32
+    assert (
+        load_file(root / "hf_adapter" / "adapter_model.safetensors")[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ].dtype
+        == torch.float32
+    )
 
 
 def test_adapter_on_base_equals_merged_model_and_the_training_loss(lora_run, tiny_model_dir, packed_dir):

@@ -19,10 +19,10 @@ def meta_llama(**shape) -> LlamaForCausalLM:
         return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **shape))
 
 
-LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)  # fmt: skip
-LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
+LLAMA_32_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True}  # fmt: skip
+LLAMA_3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "tie_word_embeddings": False}  # fmt: skip
 
 
 def packed_rows(*rows_of_document_lengths):
@@ -63,8 +63,8 @@ def test_llama_3_8b_untied_and_attention_within_documents_only():
 
 
 def test_lora_counts_4_per_frozen_weight_6_per_adapter_weight_and_full_attention():
-    model, _ = apply_lora(meta_llama(**LLAMA_3_8B), LoraSettings(enabled=True, r=16, target_modules=["q_proj", "v_proj"]),
-                          seed=0)  # fmt: skip
+    lora = LoraSettings(enabled=True, r=16, target_modules=["q_proj", "v_proj"])
+    model, _ = apply_lora(meta_llama(**LLAMA_3_8B), lora, seed=0)
     flops = training_flops(model)
     layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
     adapters = 32 * (16 * 4096 + 4096 * 16 + 16 * 4096 + 1024 * 16)  # q: A 16x4096, B 4096x16; v: B 1024x16

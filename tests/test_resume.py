@@ -25,8 +25,8 @@ from vectorlm.preemption import PREEMPTED_EXIT_CODE
 from vectorlm.train import TrainJob
 
 # fp32 so that runs which should compute the same thing agree to the last bit on one world size.
-RUN = dict(max_steps=24, lr=3e-3, micro_batch_size=2, global_batch_size=8, warmup_steps=2, mixed_precision=False,
-           checkpoint_every=4, keep_checkpoints=2, eval_every=8, seed=3)  # fmt: skip
+RUN = {"max_steps": 24, "lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
+       "mixed_precision": False, "checkpoint_every": 4, "keep_checkpoints": 2, "eval_every": 8, "seed": 3}  # fmt: skip
 
 
 def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -49,7 +49,9 @@ def start_job(
     output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, job: TrainJob | None = None, **train
 ) -> subprocess.Popen:
     """A training job (``job``, or one made of ``train`` settings) in its own process group, as Snakemake starts it."""
-    job = job or TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train))
+    job = job or TrainJob(
+        model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train)
+    )
     (output_dir / "train").mkdir(parents=True, exist_ok=True)
     job.save(output_dir / "train" / "job.yaml")
     command = [sys.executable, "-m", "vectorlm.launch", str(output_dir / "train" / "job.yaml"), "--ranks",
@@ -176,7 +178,10 @@ def test_finished_run_is_not_retrained_and_a_changed_one_starts_anew(reference, 
     changed = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 28, "lr": 1e-3})
     archived = list((ref_out / "checkpoints" / "archive").glob("*/step_28"))
     assert len(archived) == 1 and changed["steps"][0]["step"] == 1
-    assert "is a finished run with other settings (train.lr 0.003 -> 0.001)" in (ref_out / "logs" / "train.log").read_text()
+    assert (
+        "is a finished run with other settings (train.lr 0.003 -> 0.001)"
+        in (ref_out / "logs" / "train.log").read_text()
+    )
 
 
 def test_metadata_unpickler_refuses_code(tmp_path):

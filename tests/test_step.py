@@ -1,4 +1,5 @@
-"""The optimizer step on real gloo ranks: gradient accumulation keeps gradients sharded, non-finite steps are skipped."""
+"""The optimizer step on real gloo ranks: sharded gradients under accumulation, non-finite steps skipped, timeouts,
+failed background saves."""
 
 from __future__ import annotations
 
@@ -83,8 +84,10 @@ def test_accumulation_keeps_only_gradient_shards_and_computes_the_same(mixed_pre
     for rank in range(2):
         after_non_final = [s for i, s in enumerate(runs[False][rank]["seen"]) if i % 4]
         deferred = [s for i, s in enumerate(runs[True][rank]["seen"]) if i % 4]
-        print(f"rank {rank}: after a non-final micro-step, reduce-scatter every micro-step holds "
-              f"{after_non_final[0]}; deferred sync holds {deferred[0]} (fp32 model: {4 * params} bytes)")
+        print(
+            f"rank {rank}: after a non-final micro-step, reduce-scatter every micro-step holds "
+            f"{after_non_final[0]}; deferred sync holds {deferred[0]} (fp32 model: {4 * params} bytes)"
+        )
         assert all(s["unsharded"] == 0 for s in after_non_final)
         assert all(0 < s["sharded"] <= math.ceil(4 * params / 2) + 4096 for s in after_non_final)
         # The measurement sees what deferring holds: a full fp32 gradient of the model on each rank.
@@ -130,7 +133,9 @@ def test_a_step_with_non_finite_gradients_changes_nothing_and_training_continues
 
 def record_timeouts(env, out: Path) -> None:
     groups = {"default": torch.distributed.group.WORLD, "cpu": env.cpu_group, "checkpoint": env.checkpoint_group}
-    timeouts = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+    timeouts = {
+        name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()
+    }
     (out / f"rank{env.rank}.json").write_text(json.dumps(timeouts))
 
 
@@ -152,7 +157,14 @@ def fail_a_background_save(env, model_dir: Path, out: Path) -> None:
     if env.rank == 0:
         (out / "step_1").write_text("a file where the checkpoint directory should go")
     torch.distributed.barrier()
-    save = dict(model=model, optimizer=optimizer, train_state={"step": 1}, settings={}, upstream=out, keep=2)
+    save = {
+        "model": model,
+        "optimizer": optimizer,
+        "train_state": {"step": 1},
+        "settings": {},
+        "upstream": out,
+        "keep": 2,
+    }
     checkpointer.save(out / "step_1", **save)  # rank 0's rename into place fails, in the background
     try:
         checkpointer.save(out / "step_2", **save)

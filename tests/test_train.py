@@ -17,7 +17,7 @@ from vectorlm.config import ConfigError
 from vectorlm.data.loader import GlobalBatchSampler, fetch
 
 # fp32 and a fixed schedule: runs that should compute the same thing must agree to float rounding.
-EXACT = dict(max_steps=4, lr=1e-3, micro_batch_size=2, global_batch_size=8, mixed_precision=False, seed=5)
+EXACT = {"max_steps": 4, "lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False, "seed": 5}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,7 @@ def test_first_step_loss_is_the_mean_token_loss_of_the_global_batch(two_rank_run
 
 def test_one_rank_and_two_ranks_train_identically(two_rank_run, tmp_path, tiny_model_dir, packed_dir):
     one = run_training(tmp_path, tiny_model_dir, packed_dir, num_processes=1, **EXACT)
-    np.testing.assert_allclose(
-        [s["loss"] for s in one["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5
-    )
+    np.testing.assert_allclose([s["loss"] for s in one["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5)
     np.testing.assert_allclose(
         [s["grad_norm"] for s in one["steps"]], [s["grad_norm"] for s in two_rank_run["steps"]], rtol=1e-4
     )
@@ -64,11 +62,11 @@ def test_hybrid_sharding_over_two_simulated_nodes(tmp_path, tiny_model_dir, pack
 
 
 @pytest.mark.parametrize("variant", [{"sharding": "none"}, {"activation_checkpointing": True}])
-def test_replication_and_activation_checkpointing_change_nothing(variant, two_rank_run, tmp_path, tiny_model_dir, packed_dir):
+def test_replication_and_activation_checkpointing_change_nothing(
+    variant, two_rank_run, tmp_path, tiny_model_dir, packed_dir
+):
     run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, **variant})
-    np.testing.assert_allclose(
-        [s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5
-    )
+    np.testing.assert_allclose([s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5)
 
 
 def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):

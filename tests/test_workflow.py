@@ -40,7 +40,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.Compl
         "timeout", "-s", "INT", "-k", "30", str(timeout), sys.executable, "-m", "snakemake",
         "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True)
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
@@ -121,7 +121,7 @@ def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
     ],
 )
 def test_resources_that_cannot_work_fail_before_any_job(finished_run, resources, message):
-    workdir, config = finished_run
+    workdir, _config = finished_run
     edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
     result = snakemake(workdir, f"--configfile={edited}", "--set-resources", *resources, "--", "all")
     assert result.returncode != 0
@@ -152,7 +152,10 @@ def test_killed_run_resumes_after_unlock_and_ends_with_the_same_model(finished_r
     assert snakemake(tmp_path, f"--configfile={config}", "--unlock").returncode == 0
     result = snakemake(tmp_path, f"--configfile={config}", "all")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from results/tiny-test/checkpoints/step_" in (tmp_path / "results/tiny-test/logs/train.log").read_text()
+    assert (
+        "resumed from results/tiny-test/checkpoints/step_"
+        in (tmp_path / "results/tiny-test/logs/train.log").read_text()
+    )
     ours = safetensors_tensors(tmp_path / "results" / "tiny-test" / "hf_model")
     reference = safetensors_tensors(reference_dir / "results" / "tiny-test" / "hf_model")
     assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
@@ -198,7 +201,7 @@ def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, 
 def test_every_shipped_config_plans_the_whole_dag(path):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "2", f"--configfile={path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "convert_hf" in result.stdout
@@ -206,12 +209,33 @@ def test_every_shipped_config_plans_the_whole_dag(path):
 
 def test_lint_finds_only_the_missing_conda_environments():
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     lints = {line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip().startswith("*")}
     assert lints == {"* Specify a conda environment or container for each rule.:"}
 
 
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=" ".join)
+def test_ruff(command):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ruff"), *command], cwd=REPO, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_snakefmt_check():
-    result = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakefmt"), "--check", "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata`` and refuses any global outside its known, inert classes."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("pathlib", "PosixPath"),
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),

@@ -42,7 +42,9 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed(*, collective_timeout_minutes: float = 30, checkpoint_timeout_minutes: float = 180) -> DistributedEnv:
+def init_distributed(
+    *, collective_timeout_minutes: float = 30, checkpoint_timeout_minutes: float = 180
+) -> DistributedEnv:
     """Joins the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 
     Ranks started by ``srun`` have SLURM's variables instead, which submitit translates. Uses NCCL with one GPU per
@@ -55,8 +57,8 @@ def init_distributed(*, collective_timeout_minutes: float = 30, checkpoint_timeo
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads SLURM's variables only when told so
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     timeout = timedelta(minutes=collective_timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

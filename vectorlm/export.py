@@ -176,7 +176,9 @@ def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> i
         ValueError: naming the first problem found.
     """
     model_dir = Path(model_dir)
-    dtype = export_dtype(ExportConfig(), AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
+    dtype = export_dtype(
+        ExportConfig(), AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    )
     expected = weight_shapes(model_dir, trust_remote_code=trust_remote_code)
     listed = weight_files(model_dir)
     found: dict[str, dict[str, Any]] = {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vectorlm.config import Config, ConfigError
 
+
 class DataError(ValueError):
     """A problem with the user's data: a missing file, a missing field, a bad row."""
 

@@ -142,7 +142,9 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
     """
     job.train.grad_accumulation_steps(placement.ranks)
     if job.lora.enabled:  # a target that matches nothing fails here, with the model's layer names, not in N ranks
-        check_targets(build_empty_model(job.model, attention="eager", trust_remote_code=job.trust_remote_code), job.lora)
+        check_targets(
+            build_empty_model(job.model, attention="eager", trust_remote_code=job.trust_remote_code), job.lora
+        )
     job_file = Path(job.output_dir) / "train" / "job.yaml"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job.save(job_file)

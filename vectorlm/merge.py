@@ -60,12 +60,13 @@ def merge_adapter(
     adapter = {k: v.float() for k, v in load_file(adapter_dir / ADAPTER_WEIGHTS).items()}
     result = set_peft_model_state_dict(peft_model, adapter, adapter_name=ADAPTER)
     del adapter  # copied into the model's adapter layers
-    if result.unexpected_keys or any(".lora_" in key for key in result.missing_keys):
+    missing = [key for key in result.missing_keys if ".lora_" in key]
+    if result.unexpected_keys or missing:
         raise ValueError(f"{adapter_dir}: the adapter does not fit {model_dir} (unexpected: "
-                         f"{result.unexpected_keys[:3]}, missing: {[k for k in result.missing_keys if '.lora_' in k][:3]})")  # fmt: skip
+                         f"{result.unexpected_keys[:3]}, missing: {missing[:3]})")  # fmt: skip
     files = weight_files(model_dir)
-    if missing := [name for name in adapted if name not in files]:
-        raise ValueError(f"{model_dir}: the adapter changes {missing[:3]}, which its safetensors files do not hold "
+    if absent := [name for name in adapted if name not in files]:
+        raise ValueError(f"{model_dir}: the adapter changes {absent[:3]}, which its safetensors files do not hold "
                          "under these names; cannot merge")  # fmt: skip
     shapes = tensor_shapes(files)
 
@@ -79,4 +80,3 @@ def merge_adapter(
 
     write_sharded(output_dir, shapes, dtype=dtype, load=load, max_shard_bytes=max_shard_bytes)
     log.info("merged the adapter into %d of %d weights of %s", len(adapted), len(shapes), model_dir)
-

@@ -38,9 +38,7 @@ def resolve_attention(requested: str, device: torch.device) -> str:
     return requested
 
 
-def build_empty_model(
-    model_dir: str | Path, *, attention: str, trust_remote_code: bool = False
-) -> PreTrainedModel:
+def build_empty_model(model_dir: str | Path, *, attention: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model with its parameters on the meta device and its buffers (e.g. rotary frequencies) computed on CPU."""
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     # A KV cache makes transformers ignore per-document position_ids, so packed documents would attend to each other.

@@ -94,5 +94,7 @@ def plan_start(root: Path, *, fingerprint: dict[str, Any], train: dict[str, Any]
     if state["step"] >= max_steps:
         raise ConfigError(f"refusing to resume from {path}: its step {state['step']} is not below train.max_steps "
                           f"({max_steps}); raise train.max_steps or remove {root}")  # fmt: skip
-    log.info("resuming from %s (step %d)%s", path, state["step"], f" with changed settings: {described}" if changed else "")
+    log.info(
+        "resuming from %s (step %d)%s", path, state["step"], f" with changed settings: {described}" if changed else ""
+    )
     return StartPlan("resume", str(path), state)

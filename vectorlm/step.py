@@ -65,9 +65,7 @@ class StepOutput:
     lr: float  # the learning rate the step used
 
 
-def train_step(
-    model, optimizer, scheduler, micro_batches, *, loss_scale: float, cfg: TrainConfig
-) -> StepOutput:
+def train_step(model, optimizer, scheduler, micro_batches, *, loss_scale: float, cfg: TrainConfig) -> StepOutput:
     """One optimizer step over this rank's micro-batches of a global batch.
 
     ``loss_scale`` is world size / loss tokens of the global batch: FSDP averages gradients over ranks, so the

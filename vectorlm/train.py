@@ -121,7 +121,9 @@ class Trainer:
         self.prefetcher = Prefetcher(self.packed["train"], self.sampler, rank=env.rank, world_size=env.world_size,
                                      micro_batch_size=cfg.micro_batch_size, flatten=self.flatten,
                                      pin_memory=env.device.type == "cuda")  # fmt: skip
-        self.checkpointer = Checkpointer(group=env.checkpoint_group, asynchronous=cfg.async_checkpoint, device=env.device)
+        self.checkpointer = Checkpointer(
+            group=env.checkpoint_group, asynchronous=cfg.async_checkpoint, device=env.device
+        )
         log.info(
             "training %s (%s parameters, %s trainable, attention %s) on %d rank(s) of %s, %s sharding over mesh %s: "
             "%d steps of %d rows (%d per micro-batch x %d micro-steps x %d ranks), %d steps per epoch",

@@ -33,7 +33,7 @@ def story(rng: random.Random, *, hero: str | None = None, animal: str | None = N
     middle = [
         f"One {rng.choice(WEATHER)} morning, {hero} found {thing}.",
         f"{hero} showed {thing} to a friend named {friend}.",
-        f"{friend} said, \"Let us {rng.choice(ACTIVITIES)} together!\"",
+        f'{friend} said, "Let us {rng.choice(ACTIVITIES)} together!"',
         f"They walked to {rng.choice(PLACES)} and looked around.",
         f"It was {rng.choice(WEATHER)}, so {hero} and {friend} stayed close.",
         f"{friend} was {rng.choice(FEELINGS)} and {hero} was {rng.choice(FEELINGS)}.",

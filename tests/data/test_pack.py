@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 
 import datasets
 import numpy as np
@@ -30,7 +31,7 @@ def pack(tmp_path, docs, masks=None, **options):
 def documents_in(row: dict) -> list[list[int]]:
     """The documents of a packed row, split where position_ids restart."""
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
-    return [list(row["input_ids"][a:b]) for a, b in zip(starts, starts[1:])]
+    return [list(row["input_ids"][a:b]) for a, b in itertools.pairwise(starts)]
 
 
 def test_split_into_chunks():
@@ -41,7 +42,7 @@ def test_split_into_chunks():
 
 
 def test_split_into_chunks_with_overlap():
-    doc, start, length = split_into_chunks(np.array([10]), 4, overlap=1)
+    _doc, start, length = split_into_chunks(np.array([10]), 4, overlap=1)
     assert start.tolist() == [0, 3, 6] and length.tolist() == [4, 4, 4]  # 0-3, 3-6, 6-9 then 9 is covered
 
 
@@ -133,7 +134,9 @@ def check_isolation(model, rows, *, flatten: bool, device: str = "cpu") -> int:
             for doc in documents_in(row):
                 alone = model(input_ids=torch.tensor([doc], device=device)).logits[0]
                 inside = logits[0 if flatten else r, offset : offset + len(doc)]
-                torch.testing.assert_close(inside.float(), alone.float(), atol=1e-5 if device == "cpu" else 2e-2, rtol=0)
+                torch.testing.assert_close(
+                    inside.float(), alone.float(), atol=1e-5 if device == "cpu" else 2e-2, rtol=0
+                )
                 offset += len(doc)
                 checked += 1
     return checked
@@ -160,9 +163,13 @@ def test_flash_attention_varlen_isolates_documents_on_gpu(tmp_path, tiny_model_d
     rng = np.random.default_rng(4)
     docs = [rng.integers(2, 300, size=n).tolist() for n in (40, 17, 60, 9, 25)]
     packed, _ = pack(tmp_path, docs, max_seq_len=128)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, attn_implementation="flash_attention_2", dtype=torch.bfloat16
-    ).to("cuda").eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+        )
+        .to("cuda")
+        .eval()
+    )
     assert check_isolation(model, list(packed), flatten=True, device="cuda") == len(docs)
 
 

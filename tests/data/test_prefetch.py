@@ -16,8 +16,8 @@ def test_prefetched_batches_and_positions_are_those_of_the_step_trained(packed_d
     try:
         for _ in range(4):
             batches, position = prefetcher.next()
-            expected = [fetch(rows, i, flatten=False) for i in rank_slices(reference.next_batch(), rank=1,
-                                                                            world_size=2, micro_batch_size=2)]  # fmt: skip
+            indices = rank_slices(reference.next_batch(), rank=1, world_size=2, micro_batch_size=2)
+            expected = [fetch(rows, i, flatten=False) for i in indices]
             assert position == reference.position  # what a checkpoint after this step must record
             assert len(batches) == len(expected) == 2
             for got, want in zip(batches, expected, strict=True):

@@ -33,9 +33,9 @@ def sources(tmp_path):
     paths["saved"] = tmp_path / "saved"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(paths["saved"]))
     paths["saved_dict"] = tmp_path / "saved_dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "other": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(
-        str(paths["saved_dict"])
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "other": datasets.Dataset.from_list(ROWS[:1])}
+    ).save_to_disk(str(paths["saved_dict"]))
     return paths
 
 
@@ -61,7 +61,9 @@ def test_dataset_dict_needs_a_split(sources, tmp_path):
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "saved"])
 def test_missing_field_names_the_key_and_the_fields_found(sources, kind):
-    with pytest.raises(DataError, match=r"rows have no field 'prompt' \(config key data\.prompt_field\); fields found: text, n"):
+    with pytest.raises(
+        DataError, match=r"rows have no field 'prompt' \(config key data\.prompt_field\); fields found: text, n"
+    ):
         check_source(sources[kind], key="data.train", fields={"prompt": "data.prompt_field"})
 
 

@@ -156,7 +156,9 @@ def test_explicit_eval_file_and_other_formats(tmp_path, tiny_model_dir, corpus_r
 
 
 def test_missing_text_field_names_file_and_fields(tmp_path, tiny_model_dir):
-    with pytest.raises(DataError, match=r"t\.jsonl: rows have no field 'text' \(config key data\.text_field\); fields found: body"):
+    with pytest.raises(
+        DataError, match=r"t\.jsonl: rows have no field 'text' \(config key data\.text_field\); fields found: body"
+    ):
         tokenize(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "t.jsonl", [{"body": "a"}, {"body": "b"}]))
     assert not (tmp_path / "tok").exists()
 

@@ -30,9 +30,7 @@ class GlobalBatchSampler:
     micro-batches cut from it hold rows of similar length and padding stays small.
     """
 
-    def __init__(
-        self, num_rows: int, *, global_batch_size: int, seed: int, lengths: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, num_rows: int, *, global_batch_size: int, seed: int, lengths: np.ndarray | None = None) -> None:
         if num_rows < global_batch_size:
             raise ValueError(
                 f"the training split has {num_rows} packed rows, fewer than train.global_batch_size "
@@ -124,5 +122,3 @@ def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool) -> d
     columns = dataset.with_format("numpy")[indices.tolist()]
     rows = [{c: columns[c][i] for c in columns} for i in range(len(indices))]
     return collate(rows, flatten=flatten)
-
-

@@ -118,7 +118,9 @@ def plan_packing(
     else:
         row, num_rows = np.arange(len(length)), len(length)
     order = np.argsort(row, kind="stable")
-    return PackingPlan(doc[order], start[order], length[order], context[order], row[order], num_rows, int((~keep).sum()))
+    return PackingPlan(
+        doc[order], start[order], length[order], context[order], row[order], num_rows, int((~keep).sum())
+    )
 
 
 def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: ColumnsWriter, digest, rows_per_batch=4096):

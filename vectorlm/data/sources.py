@@ -55,7 +55,9 @@ def check_source(path: str | Path, *, key: str, fields: dict[str, str], split: s
     kind = describe_format(path)
     if kind == "text_dir":
         if not text_files(path):
-            raise DataError(f"config key {key}: directory {path} holds no .txt or .md files (and is not a saved dataset)")
+            raise DataError(
+                f"config key {key}: directory {path} holds no .txt or .md files (and is not a saved dataset)"
+            )
         found = [column for column, field_key in fields.items() if field_key == "data.text_field"]
     elif kind == "parquet":
         found = pq.read_schema(path).names
@@ -112,7 +114,11 @@ def _first_json_row_fields(path: Path, *, key: str) -> list[str] | None:
 
 
 def load_documents(
-    path: str | Path, *, cache_dir: str | Path, key: str = "data.train", split: str | None = None,
+    path: str | Path,
+    *,
+    cache_dir: str | Path,
+    key: str = "data.train",
+    split: str | None = None,
     text_field: str = "text",
 ) -> datasets.Dataset:
     """The rows at ``path`` as an Arrow-backed Dataset (memory-mapped, not read into memory).

@@ -81,7 +81,9 @@ class Encoder:
 
     def with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return encoded["input_ids"], [np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0] for o in encoded["offset_mapping"]]
+        return encoded["input_ids"], [
+            np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0] for o in encoded["offset_mapping"]
+        ]
 
     def encode(self, rows: dict[str, list], first_row: int, source: str, skipped: Counter):
         """Token ids, loss masks (or None) and the row numbers kept, for a batch of rows. Text documents come without
@@ -248,7 +250,9 @@ def _write(writer: ColumnsWriter, ids: list[list[int]], masks: list[np.ndarray] 
     stats["tokens"] += int(lengths.sum())
 
 
-def frame(values: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def frame(
+    values: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Puts ``prefix`` before and ``suffix`` after each of the concatenated documents in ``values``."""
     framed_lengths = lengths + len(prefix) + len(suffix)
     starts = np.cumsum(framed_lengths) - framed_lengths
@@ -276,6 +280,7 @@ def _finish_stats(stats, seconds, output_dir: Path, *, model_dir, data: DataConf
         log.info("%s: %s documents, %s tokens, %s with loss%s", split, f"{result[split].get('documents', 0):,}",
                  f"{result[split].get('tokens', 0):,}", f"{result[split].get('loss_tokens', 0):,}",
                  f"; skipped {_describe(stats[split])}" if any(k.startswith("skipped") for k in stats[split]) else "")  # fmt: skip
-    log.info("tokenized %s tokens in %.1f s (%s tokens/s)", f"{num_tokens:,}", seconds, f"{result['tokens_per_second']:,}")
+    log.info(
+        "tokenized %s tokens in %.1f s (%s tokens/s)", f"{num_tokens:,}", seconds, f"{result['tokens_per_second']:,}"
+    )
     return result
-
