@@ -3,7 +3,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default experiment, unless config files are named on the command line: a user's file stands alone
+# (a key it omits takes its documented default, never the example's value), and several files merge in order.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"

@@ -1,21 +1,65 @@
-"""Shared helpers: the validated experiment config, artifact paths, and each rule's slice of the config."""
+"""Shared helpers: the validated experiment config, artifact paths, each rule's slice of the config and the
+fingerprints of what each rule reads.
+
+Only light modules are imported here (no torch, transformers or datasets): this runs on every Snakemake call,
+dry runs included.
+"""
 
 import json
 from pathlib import Path
 
-from vectorlm.config import Config, to_plain
-from vectorlm.data.pack import ARTIFACT_VERSION as pack_artifact_version
-from vectorlm.data.tokenize import ARTIFACT_VERSION as tokenize_artifact_version
+from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
+from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.
 EXAMPLE_MODEL = "resources/tiny-llama"
+EXAMPLE_CORPUS = f"{workflow.basedir}/examples/tiny/corpus.jsonl"
 
 # Schema (unknown keys, types, defaults) and meaning (e.g. batch divisibility) are checked here, when the DAG is
 # built, and so are the input paths: a mistake fails before any job starts.
 CFG = Config.from_dict(config)
 check_inputs(CFG, model_will_be_built=CFG.model == EXAMPLE_MODEL)
+# Jobs read settings that are not in their params (OPERATIONAL_KEYS) from the config, with defaults filled in.
+config.update(CFG.to_dict())
+
+# Reruns follow content (vectorlm/fingerprint.py): each rule's params carry digests of its code, its input data and
+# the model files it reads; external inputs are ancient() so that their timestamps trigger nothing, and the workflow
+# profile (profiles/default) turns off Snakemake's timestamp-based code trigger.
+DIGESTS = FileDigests(".snakemake/vectorlm-fingerprints.json")
+MODEL_DIGESTS = (
+    dict.fromkeys(("files", "weights"), "made by build_example")
+    if CFG.model == EXAMPLE_MODEL
+    else model_digests(DIGESTS, CFG.model)
+)
+
+
+def fingerprint(script, *, data=None, model=()):
+    """Digests of the workflow script ``script`` with the package code it runs, of the ``data`` ({role: path}), and
+    of the model's ``files`` and/or ``weights``."""
+    digests = {"code": code_digest(Path(workflow.basedir, "workflow_scripts", script))}
+    digests.update(
+        {
+            f"data {role}": tree_digest(DIGESTS, path)
+            for role, path in (data or {}).items()
+        }
+    )
+    digests.update({f"model {part}": MODEL_DIGESTS[part] for part in model})
+    DIGESTS.save()
+    return digests
+
+
+def model_input():
+    """The base model as an input: ancient (content is fingerprinted) unless rule build_example makes it."""
+    return CFG.model if CFG.model == EXAMPLE_MODEL else ancient(CFG.model)
+
+
+def without_operational(section, values):
+    """``values`` (a config section) without the settings that never change what a stage writes."""
+    return {
+        k: v for k, v in values.items() if k not in OPERATIONAL_KEYS.get(section, ())
+    }
 
 
 def out(path):
@@ -23,22 +67,27 @@ def out(path):
     return f"{CFG.output_dir}/{path}"
 
 
-def get_data_files(wildcards):
-    files = {"train": CFG.data.train}
+def data_paths():
+    """{role: path} of the experiment's data files."""
+    paths = {"train": CFG.data.train}
     if CFG.data.eval is not None:
-        files["eval"] = CFG.data.eval
-    return files
+        paths["eval"] = CFG.data.eval
+    return paths
+
+
+def get_data_files(wildcards):
+    return {role: ancient(path) for role, path in data_paths().items()}
 
 
 def get_data_params():
     """What tokenize uses of data.*: packing and chunk_overlap belong to pack, so they do not re-tokenize."""
-    data = to_plain(CFG.data)
+    data = without_operational("data", to_plain(CFG.data))
     del data["packing"], data["chunk_overlap"]
     return data
 
 
 def get_train_params():
-    return to_plain(CFG.train)
+    return without_operational("train", to_plain(CFG.train))
 
 
 def get_lora_params():

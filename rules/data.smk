@@ -2,7 +2,7 @@ rule tokenize:
     """Documents to token ids with the model's tokenizer, plus a held-out eval split when data.eval is null."""
     input:
         unpack(get_data_files),
-        model=CFG.model,
+        model=model_input(),
     output:
         tokenized=directory(out("tokenized")),
     log:
@@ -10,7 +10,7 @@ rule tokenize:
     params:
         data=get_data_params(),
         trust_remote_code=CFG.trust_remote_code,
-        artifact_version=tokenize_artifact_version,
+        fingerprint=fingerprint("tokenize.py", data=data_paths(), model=["files"]),
     script:
         "../workflow_scripts/tokenize.py"
 
@@ -27,6 +27,6 @@ rule pack:
         max_seq_len=CFG.max_seq_len,
         packing=CFG.data.packing,
         chunk_overlap=CFG.data.chunk_overlap,
-        artifact_version=pack_artifact_version,
+        fingerprint=fingerprint("pack.py"),
     script:
         "../workflow_scripts/pack.py"

@@ -1,12 +1,13 @@
 rule build_example:
     """The embedded example's base model: a tokenizer trained on the shipped corpus and a tiny random Llama."""
     input:
-        corpus=f"{workflow.basedir}/examples/tiny/corpus.jsonl",
+        corpus=ancient(EXAMPLE_CORPUS),
     output:
         model=directory(EXAMPLE_MODEL),
     log:
         "resources/logs/build_example.log",
     params:
         sizes={"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4},
+        fingerprint=fingerprint("build_example.py", data={"corpus": EXAMPLE_CORPUS}),
     script:
         "../workflow_scripts/build_example.py"

@@ -2,7 +2,7 @@ rule consolidate:
     """The final sharded checkpoint into safetensors shards with Hugging Face names and an index, in one process."""
     input:
         summary=rules.train.output.summary,
-        model=CFG.model,
+        model=model_input(),
     output:
         weights=directory(out("consolidated")),
     log:
@@ -10,6 +10,7 @@ rule consolidate:
     params:
         export=get_consolidate_params(),
         trust_remote_code=CFG.trust_remote_code,
+        fingerprint=fingerprint("consolidate.py", model=["files"]),
     script:
         "../workflow_scripts/consolidate.py"
 
@@ -18,7 +19,7 @@ rule convert_hf:
     """A Hugging Face model directory that AutoModelForCausalLM.from_pretrained loads."""
     input:
         weights=rules.consolidate.output.weights,
-        model=CFG.model,
+        model=model_input(),
     output:
         # With lora.enabled, also the adapter alone (hf_adapter); hf_model is then the merged model.
         **get_convert_outputs(),
@@ -27,5 +28,10 @@ rule convert_hf:
     params:
         export=get_convert_params(),
         trust_remote_code=CFG.trust_remote_code,
+        # The merge of a LoRA adapter reads the base weights; a full fine-tune's export does not.
+        fingerprint=fingerprint(
+            "convert_hf.py",
+            model=["files", "weights"] if CFG.lora.enabled else ["files"],
+        ),
     script:
         "../workflow_scripts/convert_hf.py"

@@ -2,7 +2,7 @@ rule train:
     """FSDP2 training on resources.tasks ranks; the sharded checkpoint lands in {output_dir}/checkpoints."""
     input:
         packed=rules.pack.output.packed,
-        model=CFG.model,
+        model=model_input(),
     output:
         summary=out("train/summary.json"),
     log:
@@ -19,6 +19,7 @@ rule train:
         train=get_train_params(),
         lora=get_lora_params(),
         trust_remote_code=CFG.trust_remote_code,
+        fingerprint=fingerprint("train.py", model=["files", "weights"]),
     script:
         "../workflow_scripts/train.py"
 

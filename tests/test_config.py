@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from vectorlm.config import (
+    OPERATIONAL_KEYS,
     Config,
     ConfigError,
     DataConfig,
@@ -55,6 +56,14 @@ def test_docs_describe_every_key():
 
     missing = [k for k in keys(schema()["properties"]) if f"`{k}`" not in docs]
     assert not missing, f"docs/config.md lacks {missing}"
+
+
+def test_docs_say_which_keys_rerun_nothing():
+    rows = [
+        line.split(" | ") for line in (REPO / "docs" / "config.md").read_text().splitlines() if line.startswith("| `")
+    ]
+    documented = {cells[0].strip("| `") for cells in rows if cells[3] == "nothing"}
+    assert documented == {f"{section}.{key}" for section, keys in OPERATIONAL_KEYS.items() for key in keys}
 
 
 def test_defaults_are_filled():

@@ -4,7 +4,8 @@ import pytest
 
 from tests.conftest import write_jsonl
 from vectorlm.config import Config, ConfigError
-from vectorlm.inputs import DataError, check_inputs, check_max_seq_len, check_model_dir
+from vectorlm.data.sources import DataError
+from vectorlm.inputs import check_inputs, check_max_seq_len, check_model_dir
 
 
 def test_model_dir_checks(tmp_path, tiny_model_dir):

@@ -289,6 +289,20 @@ def parse_size(text: str, *, key: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+# Settings that change how a stage runs, never what it writes: they are left out of the stages' params, so changing
+# one reruns nothing (docs/config.md, the "reruns" column); the stages read them from the resolved config.
+OPERATIONAL_KEYS = {
+    "data": ("tokenize_batch_size",),
+    "train": ("checkpoint_every", "keep_checkpoints", "async_checkpoint", "collective_timeout_minutes",
+              "checkpoint_timeout_minutes", "max_nonfinite_steps"),
+}  # fmt: skip
+
+
+def operational(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """The :data:`OPERATIONAL_KEYS` of ``section`` in a resolved ``config``."""
+    return {key: config[section][key] for key in OPERATIONAL_KEYS[section]}
+
+
 STAGE_CONFIG = "vectorlm_config.yaml"
 
 

@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 
 from vectorlm.config import Config, ConfigError
-
-
-class DataError(ValueError):
-    """A problem with the user's data: a missing file, a missing field, a bad row."""
+from vectorlm.data.sources import check_source
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -55,8 +52,6 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         model_will_be_built: the model directory is the output of a workflow rule (the example model), so it may not
             exist yet and its limits are checked by the stages instead.
     """
-    from vectorlm.data.sources import check_source  # sources imports this module's DataError
-
     for key, path in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         if path is not None:
             check_source(path, key=key, fields=config.data.fields, split=config.data.split)

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from vectorlm.config import LoraSettings, TrainConfig
+from vectorlm.config import LoraSettings, TrainConfig, operational
 from vectorlm.launch import Preempted, launch_training
 from vectorlm.log import logged_stage
 from vectorlm.placement import check_train_resources
@@ -16,7 +16,7 @@ with logged_stage("train", sm.log[0]):
         model=sm.input.model,
         packed=sm.input.packed,
         output_dir=str(Path(sm.output.summary).parents[1]),  # {output_dir}/train/summary.json
-        train=TrainConfig(**sm.params.train),
+        train=TrainConfig(**sm.params.train, **operational(sm.config, "train")),
         lora=LoraSettings(**sm.params.lora),
         trust_remote_code=sm.params.trust_remote_code,
     )

@@ -6,8 +6,7 @@ import datasets
 import pytest
 
 from tests.conftest import write_jsonl
-from vectorlm.data.sources import check_source, load_documents
-from vectorlm.inputs import DataError
+from vectorlm.data.sources import DataError, check_source, load_documents
 
 ROWS = [{"text": "first document", "n": 1}, {"text": "second one", "n": 2}, {"text": "third", "n": 3}]
 

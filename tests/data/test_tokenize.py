@@ -8,8 +8,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.conftest import write_jsonl
 from vectorlm.config import DataConfig
+from vectorlm.data.sources import DataError
 from vectorlm.data.tokenize import document_boundaries, run_tokenize
-from vectorlm.inputs import DataError
 
 CHATML = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"

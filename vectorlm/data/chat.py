@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from vectorlm.inputs import DataError
+from vectorlm.data.sources import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 
 from vectorlm.config import write_stage_config
 from vectorlm.data.arrow import ColumnsWriter, ListColumn, list_lengths, ranges
-from vectorlm.inputs import DataError
+from vectorlm.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the packed artifact changes shape, so Snakemake repacks (the rule passes it as a param).
-ARTIFACT_VERSION = 3  # 2: content fingerprint in stats.json; 3: instruction data, overlap, packing: false
 IGNORE_INDEX = -100
 PACKED_COLUMNS = ["input_ids", "labels", "position_ids"]
 

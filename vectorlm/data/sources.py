@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import datasets
 
-from vectorlm.inputs import DataError
+
+class DataError(ValueError):
+    """A problem with the user's data: a missing file, a missing field, a bad row."""
+
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -60,6 +64,8 @@ def check_source(path: str | Path, *, key: str, fields: dict[str, str], split: s
             )
         found = [column for column, field_key in fields.items() if field_key == "data.text_field"]
     elif kind == "parquet":
+        import pyarrow.parquet as pq  # here, not at the top: the Snakefile runs these checks on every call
+
         found = pq.read_schema(path).names
     elif kind == "json":
         if path.stat().st_size == 0:
@@ -125,6 +131,8 @@ def load_documents(
 
     The documents of a directory of text files are in column ``text_field``.
     """
+    import datasets
+
     path = Path(path)
     kind = describe_format(path)
     try:

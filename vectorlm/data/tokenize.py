@@ -34,13 +34,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vectorlm.config import DataConfig, write_stage_config
 from vectorlm.data.arrow import ColumnsWriter, ranges
 from vectorlm.data.chat import check_messages, render_with_assistant_spans
-from vectorlm.data.sources import load_documents, require_fields
-from vectorlm.inputs import DataError, check_model_dir
+from vectorlm.data.sources import DataError, load_documents, require_fields
+from vectorlm.inputs import check_model_dir
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the tokenized artifact changes shape, so Snakemake re-tokenizes (the rule passes it as a param).
-ARTIFACT_VERSION = 2  # 2: loss_mask column for instruction data, skip counts
 
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -1,0 +1,152 @@
+"""The workflow as a user runs it, in a copy of the real repository layout (Snakemake started in its root, its own
+``vectorlm`` on the path): config files that stand alone, and reruns that follow content, not timestamps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import REPO, write_jsonl
+
+pytestmark = pytest.mark.workflow
+
+WORKFLOW = ["Snakefile", "rules", "workflow_scripts", "config", "profiles", "examples", "vectorlm"]
+# A user's own config: it names no lr, warmup, weight decay or schedule, which the example config sets.
+MINE = {
+    "model": "models/tiny",
+    "output_dir": "results/mine",
+    "max_seq_len": 128,
+    "data": {"train": "data/corpus.jsonl", "eval_fraction": 0.02},
+    "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "eval_max_batches": 4},
+    "export": {"smoke_test_prompt": "Once upon"},
+}
+EVERYTHING = {"tokenize", "pack", "train", "consolidate", "convert_hf", "all"}
+
+
+def snakemake(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake in the copy's root, as `.venv/bin/snakemake ...` in a checkout; SIGINT after 5 minutes."""
+    command = ["timeout", "-s", "INT", "-k", "30", "300", sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=False)
+
+
+def planned(repo: Path, *args: str) -> set[str]:
+    result = snakemake(repo, "-n", *args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    if "Nothing to be done" in output:
+        return set()
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+
+
+def age(path: Path) -> None:
+    """Gives ``path`` and everything under it a timestamp newer than every output, and keeps the content (what a git
+    checkout, a copy or ``touch`` does)."""
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(entry, (time.time() + 10, time.time() + 10))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_model_dir, corpus_rows):
+    """A copy of the repository's workflow with a finished run of a user's config file."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in WORKFLOW:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+    (root / "data").mkdir()
+    # Above Snakemake's 1 MB checksum limit, so that only our fingerprints can tell a touched file from an edited one.
+    write_jsonl(root / "data" / "corpus.jsonl", corpus_rows * 4)
+    assert (root / "data" / "corpus.jsonl").stat().st_size > 10**6
+    (root / "mine.yaml").write_text(yaml.safe_dump(MINE))
+    result = snakemake(root, "--configfile=mine.yaml", "all")
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    return root
+
+
+def test_a_config_file_stands_alone_with_documented_defaults(repo):
+    resolved = yaml.safe_load((repo / "results" / "mine" / "hf_model" / "vectorlm_config.yaml").read_text())
+    example = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    train = resolved["train"]
+    assert (train["lr"], train["warmup_steps"], train["weight_decay"]) == (2.0e-5, 0, 0.0)  # docs/config.md
+    assert (example["train"]["lr"], example["train"]["warmup_steps"]) == (2.0e-3, 20)  # what it used to inherit
+    assert resolved["max_seq_len"] == 128 and train["max_steps"] == 4
+
+
+def test_plain_snakemake_still_runs_the_embedded_default(repo):
+    result = snakemake(repo, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "results/tiny/tokenized" in result.stdout and "build_example" in result.stdout
+    assert "results/mine" not in result.stdout
+
+
+def test_several_config_files_merge_in_order(repo):
+    (repo / "lr.yaml").write_text(yaml.safe_dump({"train": {"lr": 1.0e-3}}))  # not a whole experiment on its own
+    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {"train", "consolidate", "convert_hf", "all"}
+    assert planned(repo, "--configfile", "mine.yaml") == set()
+
+
+def test_timestamps_alone_rerun_nothing(repo):
+    for path in ("workflow_scripts", "vectorlm", "rules", "Snakefile", "models/tiny", "data/corpus.jsonl"):
+        age(repo / path)
+    assert planned(repo, "--configfile=mine.yaml") == set()
+
+
+def test_a_performance_setting_reruns_nothing(repo):
+    (repo / "batch.yaml").write_text(yaml.safe_dump({"data": {**MINE["data"], "tokenize_batch_size": 7}}))
+    assert planned(repo, "--configfile", "mine.yaml", "batch.yaml") == set()
+
+
+def edited(path: Path, change) -> bytes:
+    """Applies ``change`` to the file's text; returns the original content."""
+    original = path.read_bytes()
+    path.write_text(change(path.read_text()))
+    return original
+
+
+CHANGES = [
+    ("vectorlm/data/pack.py", lambda text: text + "\nPACKED_COLUMNS = list(PACKED_COLUMNS)\n", EVERYTHING - {"tokenize"}),
+    ("vectorlm/data/chat.py", lambda text: text + "\n# a behaviour change would go here\n", EVERYTHING),
+    ("vectorlm/step.py", lambda text: text + "\n", {"train", "consolidate", "convert_hf", "all"}),
+    ("vectorlm/export.py", lambda text: text + "\n", {"consolidate", "convert_hf", "all"}),
+    ("workflow_scripts/pack.py", lambda text: text + "\n", EVERYTHING - {"tokenize"}),
+    ("data/corpus.jsonl", lambda text: text + json.dumps({"text": "One more story."}) + "\n", EVERYTHING),
+    ("models/tiny/tokenizer_config.json", lambda text: text.replace("{", '{"model_max_length": 512, ', 1), EVERYTHING),
+    ("models/tiny/config.json", lambda text: text.replace("{", '{"note": "edited", ', 1), EVERYTHING),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "change", "expected"), CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_content_change_reruns_the_stages_that_read_it(repo, path, change, expected):
+    original = edited(repo / path, change)
+    try:
+        assert planned(repo, "--configfile=mine.yaml") == expected
+    finally:
+        (repo / path).write_bytes(original)
+    assert planned(repo, "--configfile=mine.yaml") == set()  # content back: nothing to do, whatever the timestamps
+
+
+def test_changed_weights_rerun_training_not_tokenization(repo):
+    weights = repo / "models" / "tiny" / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    try:
+        assert planned(repo, "--configfile=mine.yaml") == {"train", "consolidate", "convert_hf", "all"}
+    finally:
+        weights.write_bytes(original)
+    assert planned(repo, "--configfile=mine.yaml") == set()
