@@ -120,7 +120,7 @@ def check_train_resources_now(rule):
 
 
 def report_summary():
-    """Printed when the workflow succeeds: how the eval loss moved and where the model is."""
+    """Printed when the workflow succeeds: how the eval loss moved, where the model is, and what went wrong quietly."""
     summary_path = Path(out("train/summary.json"))
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -129,3 +129,7 @@ def report_summary():
             f"after {summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on "
             f"{summary['world_size']} rank(s)); model: {out('hf_model')}\n"
         )
+    packed_stats = Path(out("packed/stats.json"))
+    if packed_stats.is_file():
+        for warning in json.loads(packed_stats.read_text()).get("warnings", []):
+            print(f"vectorlm: WARNING: {warning} (see {packed_stats})\n")

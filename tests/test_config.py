@@ -175,3 +175,22 @@ def test_data_options_that_contradict_each_other(data, message):
 def test_data_mode_and_the_fields_it_reads(data, mode, fields):
     config = Config.from_dict(with_("data", **data))
     assert config.data.mode == mode and config.data.fields == fields
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\noutput_dir: o\nmax_seq_len: 2e3\ndata:\n  train: t.jsonl\n  text_field: 1e5\n"
+                    "train:\n  lr: 1e-4\n  eps: 1e-6\n  betas: [0.9, 9.99e-1]\n  max_steps: 1e3\n")  # fmt: skip
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == "1e-4"  # YAML 1.1: a string
+    config = load_config(path)
+    assert (config.train.lr, config.train.eps, config.train.betas) == (1e-4, 1e-6, (0.9, 0.999))
+    assert config.max_seq_len == 2000 and isinstance(config.max_seq_len, int) and config.train.max_steps == 1000
+    assert config.data.text_field == "1e5"  # a string key stays a string
+    with pytest.raises(ConfigError, match=r"config key max_seq_len: 1.5 is not of type 'integer'"):
+        Config.from_dict({**MINIMAL, "max_seq_len": "1.5"})
+
+
+@pytest.mark.parametrize("key", ["output_dir", "model"])
+def test_paths_with_braces_name_the_key(key):
+    with pytest.raises(ConfigError, match=rf"config key {key}: 'runs/{{lr}}' contains {{ or }}, which Snakemake reads"):
+        Config.from_dict({**MINIMAL, key: "runs/{lr}"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,3 +151,49 @@ def test_changed_weights_rerun_training_not_tokenization(repo):
     finally:
         weights.write_bytes(original)
     assert planned(repo, "--configfile=mine.yaml") == set()
+
+
+def test_numbers_written_the_way_users_write_them(repo):
+    (repo / "lr.yaml").write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {"train", "consolidate", "convert_hf", "all"}
+
+
+def start(repo: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    return subprocess.Popen(command, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.001)
+
+
+def test_the_same_command_continues_after_any_interruption(repo):
+    """A hard kill while tokenize writes its scratch files, then Ctrl-C as soon as pack's output appears: both times
+    the same command (after --unlock for the hard kill) finishes the run, and no scratch files stay behind."""
+    (repo / "again.yaml").write_text(yaml.safe_dump({**MINE, "output_dir": "results/again"}))
+    out = repo / "results" / "again"
+    scratch = out / ".tokenized.partial"
+
+    process = start(repo, "--configfile=again.yaml", "tokenize")
+    wait_for(lambda: any(scratch.glob("*.arrow")), process, "tokenize scratch files")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert scratch.is_dir()  # what a killed stage leaves
+    assert snakemake(repo, "--configfile=again.yaml", "--unlock").returncode == 0
+
+    process = start(repo, "--configfile=again.yaml", "pack")
+    wait_for(lambda: (out / "packed").exists(), process, "packed output")
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: Snakemake and its job
+    process.wait(timeout=120)
+    assert planned(repo, "--configfile=again.yaml", "pack") == {"pack"}  # it was stopped before it finished
+
+    result = snakemake(repo, "--configfile=again.yaml", "pack")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert (out / "tokenized" / "stats.json").is_file() and (out / "packed" / "stats.json").is_file()
+    assert not scratch.exists() and not (out / ".packed.partial").exists()
+    assert planned(repo, "--configfile=again.yaml", "pack") == set()

@@ -181,6 +181,9 @@ BAD_INPUTS = [
     ({"data": {"train": "blank.jsonl"}}, "config key data.train: data file blank.jsonl has no rows"),
     ({"max_seq_len": 100000}, "config key max_seq_len: 100000 is above the model's max_position_embeddings (1024)"),
     ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, "train.global_batch_size (10) must be a multiple"),
+    ({"output_dir": "results/{lr}"}, "config key output_dir: 'results/{lr}' contains { or }"),
+    ({"model": "untokenized"}, "config key model: untokenized has no tokenizer"),
+    ({"data": {"train": "array.json"}}, "array.json holds an empty JSON array: it has no rows"),
 ]  # fmt: skip
 
 
@@ -190,6 +193,10 @@ def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, 
     (workdir / "empty.jsonl").write_text("")
     (workdir / "corpus.csv").write_text("text\nhello\n")
     (workdir / "blank.jsonl").write_text("\n\n")
+    (workdir / "array.json").write_text("[]")
+    if not (workdir / "untokenized").exists():
+        shutil.copytree(workdir / "resources" / "tiny-llama", workdir / "untokenized",
+                        ignore=shutil.ignore_patterns("tokenizer*"))  # fmt: skip
     config = write_config(workdir, {**TINY, **change}, "bad.yaml")
     result = snakemake(workdir, f"--configfile={config}", "all")
     assert result.returncode != 0

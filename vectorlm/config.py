@@ -176,6 +176,11 @@ class Config:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        for key, path in (("model", self.model), ("output_dir", self.output_dir), ("data.train", self.data.train),
+                          ("data.eval", self.data.eval)):  # fmt: skip
+            if path is not None and ("{" in path or "}" in path):
+                raise ConfigError(f"config key {key}: {path!r} contains {{ or }}, which Snakemake reads as a wildcard; "
+                                  "choose a path without braces")  # fmt: skip
         if self.data.chunk_overlap >= self.max_seq_len // 2:
             raise ConfigError(f"data.chunk_overlap ({self.data.chunk_overlap}) must be below half of max_seq_len "
                               f"({self.max_seq_len})")  # fmt: skip
@@ -236,11 +241,39 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
-    resolved = copy.deepcopy(raw)
+    resolved = _numbers_from_strings(copy.deepcopy(raw), schema())
     errors = sorted(_validator().iter_errors(resolved), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in errors))
     return resolved
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers_from_strings(values: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Numbers YAML 1.1 reads as strings (``1e-4``: PyYAML wants ``1.0e-4``), as numbers, for the keys that take one."""
+    for key, prop in schema.get("properties", {}).items():
+        if key not in values:
+            continue
+        value = values[key]
+        if isinstance(value, dict):
+            _numbers_from_strings(value, prop)
+        elif isinstance(value, list) and "items" in prop:
+            values[key] = [_number(item, prop["items"]) for item in value]
+        else:
+            values[key] = _number(value, prop)
+    return values
+
+
+def _number(value: Any, prop: dict[str, Any]) -> Any:
+    kinds = prop.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    takes_number = {"number", "integer"} & set(kinds) and "string" not in kinds  # a string key keeps its string
+    if not (isinstance(value, str) and takes_number and _NUMBER.fullmatch(value.strip())):
+        return value
+    number = float(value)
+    return int(number) if "number" not in kinds and number.is_integer() else number
 
 
 def _describe(error) -> str:

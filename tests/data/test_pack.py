@@ -1,5 +1,6 @@
 import hashlib
 import itertools
+import json
 
 import datasets
 import numpy as np
@@ -14,6 +15,7 @@ from vectorlm.data.pack import (
     best_fit_decreasing,
     pack_dataset,
     plan_packing,
+    run_pack,
     split_into_chunks,
 )
 from vectorlm.step import forward_logits
@@ -39,6 +41,11 @@ def test_split_into_chunks():
     assert doc.tolist() == [0, 1, 1, 1, 2]
     assert start.tolist() == [0, 0, 4, 8, 0]
     assert length.tolist() == [3, 4, 4, 2, 4]
+
+
+def test_a_lone_last_token_is_chunked_with_the_one_before_it():
+    doc, start, length = split_into_chunks(np.array([9, 1]), 4)  # 0-3, 4-7, then only the EOS at 8
+    assert doc.tolist() == [0, 0, 0, 1] and start.tolist() == [0, 4, 7, 0] and length.tolist() == [4, 4, 2, 1]
 
 
 def test_split_into_chunks_with_overlap():
@@ -81,10 +88,16 @@ def test_labels_mask_each_document_start(tmp_path):
         assert row["labels"][index] == expected
 
 
-def test_long_documents_are_chunked_and_tiny_chunks_dropped(tmp_path):
-    packed, stats = pack(tmp_path, [list(range(2, 23))], max_seq_len=10)
-    chunks = sorted((d for r in packed for d in documents_in(r)), key=lambda d: d[0])
-    assert chunks == [list(range(2, 12)), list(range(12, 22))]  # the 1-token tail [22] cannot carry loss
+def test_long_documents_are_chunked_and_the_last_token_kept(tmp_path):
+    packed, stats = pack(tmp_path, [list(range(2, 23)), [99]], max_seq_len=10)
+    rows = list(packed)
+    chunks = sorted((d for r in rows for d in documents_in(r)), key=lambda d: d[0])
+    # The 1-token tail [22] (a document's EOS) goes with the token before it, which stays context; a 1-token
+    # document cannot carry loss and is dropped.
+    assert chunks == [list(range(2, 12)), list(range(12, 22)), [21, 22]]
+    tail = next(r for r in rows if r["input_ids"][:2] == [21, 22] or [21, 22] in documents_in(r))
+    at = tail["input_ids"].index(21)
+    assert tail["labels"][at : at + 2] == [IGNORE_INDEX, 22]
     assert stats["documents_split"] == 1 and stats["chunks_dropped_too_short"] == 1
 
 
@@ -108,6 +121,20 @@ def test_instruction_documents_are_truncated_and_dropped_without_loss(tmp_path):
     labels = next(r["labels"] for r in rows if 10 in r["input_ids"])
     start = next(r["input_ids"] for r in rows if 10 in r["input_ids"]).index(10)
     assert labels[start : start + 5] == [IGNORE_INDEX] * 5 and labels[start + 5] == 15
+    # Of 15 + 7 + 1 trainable tokens, 8 lie past the 12th token and 1 goes with the dropped document.
+    assert stats["loss_tokens_before_packing"] == 23 and stats["loss_tokens_lost_fraction"] == round(9 / 23, 4)
+
+
+def test_packing_warns_when_truncation_loses_much_of_the_loss(tmp_path, caplog):
+    docs, masks = [list(range(10, 40))] * 4, [[0] * 10 + [1] * 20] * 4
+    tok = tmp_path / "tok"
+    datasets.DatasetDict({"train": tokenized(docs, masks), "eval": tokenized(docs, masks)}).save_to_disk(str(tok))
+    with caplog.at_level("WARNING"):
+        stats = run_pack(tokenized_dir=tok, max_seq_len=16, output_dir=tmp_path / "packed")
+    assert stats["train"]["loss_tokens_lost_fraction"] == round(1 - 6 / 20, 4)  # positions 10-15 of 10-29 left
+    assert "packing the train split at max_seq_len 16 lost 70% of its loss tokens" in caplog.text
+    saved = json.loads((tmp_path / "packed" / "stats.json").read_text())
+    assert len(saved["warnings"]) == 2 and "4 documents truncated" in saved["warnings"][0]
 
 
 def test_without_packing_each_document_is_a_row(tmp_path):

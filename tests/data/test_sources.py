@@ -88,3 +88,33 @@ def test_bad_paths(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match=r"directory .*nothing holds no \.txt or \.md files"):
         check_source(tmp_path / "nothing", key="data.train", fields={})
+
+
+def test_hidden_files_and_directories_are_not_documents(tmp_path):
+    docs = tmp_path / "docs"
+    for hidden in (".git", ".cache/sub"):
+        (docs / hidden).mkdir(parents=True)
+        (docs / hidden / "notes.txt").write_text("not a document")
+    (docs / ".draft.md").write_text("not a document either")
+    (docs / "story.txt").write_text("the only document")
+    assert texts(load_documents(docs, cache_dir=tmp_path / "cache")) == ["the only document"]
+
+
+def test_json_arrays_are_checked_before_any_job(tmp_path):
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    with pytest.raises(DataError, match=r"empty\.json holds an empty JSON array: it has no rows"):
+        check_source(tmp_path / "empty.json", key="data.train", fields={"text": "data.text_field"})
+    (tmp_path / "rows.json").write_text(json.dumps([{"body": "a"}, {"body": "b"}]))
+    with pytest.raises(
+        DataError, match=r"rows have no field 'text' \(config key data\.text_field\); fields found: body"
+    ):
+        check_source(tmp_path / "rows.json", key="data.train", fields={"text": "data.text_field"})
+    (tmp_path / "strings.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(DataError, match=r"strings\.json is a JSON array of str, not of objects"):
+        check_source(tmp_path / "strings.json", key="data.train", fields={"text": "data.text_field"})
+
+
+def test_a_first_line_that_is_not_utf8_fails_before_any_job(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "Zürich"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl line 1: not UTF-8 text \(byte 0xfc"):
+        check_source(tmp_path / "latin1.jsonl", key="data.train", fields={"text": "data.text_field"})

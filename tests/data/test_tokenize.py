@@ -166,3 +166,83 @@ def test_missing_text_field_names_file_and_fields(tmp_path, tiny_model_dir):
 def test_single_document_cannot_be_split(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match=r"data\.train has 1 document; holding out an eval split"):
         tokenize(tmp_path, tiny_model_dir, [{"text": "alone"}])
+
+
+def counts(stats, key):
+    return stats["train"].get(key, 0) + stats["eval"].get(key, 0)
+
+
+USER_ONLY = {"messages": [{"role": "user", "content": "Anyone there?"}]}
+CHAT = {"messages": [{"role": "user", "content": "Name a fox."}, {"role": "assistant", "content": "Ada."}]}
+
+
+@pytest.mark.parametrize(
+    ("rows", "data", "reason"),
+    [
+        ([USER_ONLY] * 4 + [CHAT] * 6, {"messages_field": "messages", "chat_template": CHATML}, "no assistant turn"),
+        ([{"text": None}] * 4 + [{"text": "Q? ### A."}] * 6, {"separator": " ###"}, "text null or empty"),
+        ([{"text": "no mark"}] * 4 + [{"text": "Q? ### A."}] * 6, {"separator": " ###"}, "no separator"),
+    ],
+    ids=["chat", "separator-null", "separator-missing"],
+)
+def test_a_batch_whose_every_row_is_skipped_is_counted(tmp_path, tiny_model_dir, rows, data, reason):
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, tokenize_batch_size=2, **data)
+    assert counts(stats, f"skipped: {reason}") == 4 and len(all_rows(tokenized)) == 6
+
+
+def test_an_assistant_turn_that_opens_the_conversation_is_context(tmp_path, tiny_model_dir):
+    opening = {"role": "assistant", "content": "Hello, I am a guide."}
+    rows = [{"messages": [opening, *CHAT["messages"]]}] * 3 + [{"messages": [opening]}]
+    stats, tokenized = tokenize(tmp_path, tiny_model_dir, rows, messages_field="messages", chat_template=CHATML)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = all_rows(tokenized)[0]
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    assert tokenizer.decode(ids[mask]) == "Ada.</s>\n" and "Hello, I am a guide." in tokenizer.decode(ids[~mask])
+    assert counts(stats, "assistant turns that open a conversation (context, not trained)") == 4
+    assert counts(stats, "skipped: no assistant turn") == 1
+
+
+def test_special_token_text_in_the_data_is_text(tmp_path, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos, literal = tokenizer.eos_token_id, tokenizer.eos_token  # "</s>", also the chat template's end-of-turn markup
+    chat = {"messages": [{"role": "user", "content": f"Print {literal} please."},
+                         {"role": "assistant", "content": f"Here: {literal} done."}]}  # fmt: skip
+    _, tokenized = tokenize(tmp_path / "chat", tiny_model_dir, [chat] * 3, messages_field="messages",
+                            chat_template=CHATML)  # fmt: skip
+    ids = np.array(all_rows(tokenized)[0]["input_ids"])
+    assert (ids == eos).sum() == 2  # the template's two end-of-turn markers only, not the two in the contents
+    assert tokenizer.decode(ids) == f"<s>user\nPrint {literal} please.</s>\n<s>assistant\nHere: {literal} done.</s>\n"
+    # Each content is found in its own turn: not in the end-of-turn markup before it, nor in the role names.
+    reply = {"messages": [{"role": "user", "content": "user"}, {"role": "assistant", "content": literal}]}
+    _, tokenized = tokenize(tmp_path / "reply", tiny_model_dir, [reply] * 3, messages_field="messages",
+                            chat_template=CHATML)  # fmt: skip
+    row = all_rows(tokenized)[0]
+    ids, mask = np.array(row["input_ids"]), np.array(row["loss_mask"], dtype=bool)
+    assert list(ids[mask][-2:]) == [eos, tokenizer("\n", add_special_tokens=False)["input_ids"][0]]
+    assert (ids == eos).sum() == 2 and tokenizer.decode(ids[mask]) == f"{literal}</s>\n"
+    assert eos not in ids[mask][:-2]  # the reply's literal is text
+    for data, rows in (({}, [{"text": f"a {literal} b"}] * 3), ({"separator": " ###"}, [{"text": f"Q ### {literal}"}] * 3),
+                       ({"prompt_field": "q", "response_field": "a"}, [{"q": literal, "a": f"x {literal}"}] * 3)):  # fmt: skip
+        _, tokenized = tokenize(tmp_path / str(len(data)), tiny_model_dir, rows, **data)
+        for row in all_rows(tokenized):
+            assert (np.array(row["input_ids"]) == eos).sum() == 1, data  # the EOS closing the document only
+
+
+def test_rows_missing_the_field_are_told_apart_from_null_ones(tmp_path, tiny_model_dir):
+    rows = [{"text": "one"}, {"text": "two"}, {"other": 1}, {"text": None}, {"text": ""}, {"text": "three"}] * 4
+    stats, _ = tokenize(tmp_path, tiny_model_dir, rows)
+    assert counts(stats, "skipped: text missing") == 4
+    assert counts(stats, "skipped: text null or empty") == 8
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 3: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        tokenize(tmp_path, tiny_model_dir, data)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("a good document")
+    (docs / "b.txt").write_bytes(b"first line\nsecond \xff line\n")
+    with pytest.raises(DataError, match=r"b\.txt line 2: not UTF-8 text \(byte 0xff"):
+        tokenize(tmp_path / "dir", tiny_model_dir, docs)

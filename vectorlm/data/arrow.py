@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -10,6 +13,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 TOKEN_TYPES = {"input_ids": pa.int32(), "labels": pa.int32(), "position_ids": pa.int32(), "loss_mask": pa.uint8()}
+
+
+@contextmanager
+def partial_dir(output_dir: Path) -> Iterator[Path]:
+    """A scratch directory beside ``output_dir`` for a stage's intermediate files, removed when the stage ends.
+
+    Its name is fixed (``.<name>.partial``), so what a killed stage left behind is removed when the stage runs again
+    rather than kept forever.
+    """
+    path = output_dir.parent / f".{output_dir.name}.partial"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

@@ -16,7 +16,6 @@ import bisect
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vectorlm.config import write_stage_config
-from vectorlm.data.arrow import ColumnsWriter, ListColumn, list_lengths, ranges
+from vectorlm.data.arrow import ColumnsWriter, ListColumn, list_lengths, partial_dir, ranges
 from vectorlm.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the packed artifact changes shape, so Snakemake repacks (the rule passes it as a param).
 IGNORE_INDEX = -100
 PACKED_COLUMNS = ["input_ids", "labels", "position_ids"]
 
@@ -54,13 +52,20 @@ def split_into_chunks(
     lengths: np.ndarray, max_len: int, *, overlap: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Splits documents longer than ``max_len`` into chunks that each start ``max_len - overlap`` tokens after the
-    previous one; returns (doc, start, length) per chunk."""
+    previous one; returns (doc, start, length) per chunk.
+
+    A last chunk of a single token (the document's EOS, when ``overlap`` is 0) could carry no loss, since a chunk's
+    first token is never a target: it starts one token earlier instead, so that EOS is still learnt.
+    """
     stride = max_len - overlap
     num_chunks = np.maximum(1, -(-np.maximum(lengths - overlap, 1) // stride))
     doc = np.repeat(np.arange(len(lengths)), num_chunks)
     first_chunk = np.cumsum(num_chunks) - num_chunks
     start = (np.arange(len(doc)) - np.repeat(first_chunk, num_chunks)) * stride
     length = np.minimum(max_len, lengths[doc] - start)
+    lone_tail = (length == 1) & (start > 0)
+    start[lone_tail] -= 1
+    length[lone_tail] = 2
     return doc, start, length
 
 
@@ -147,19 +152,23 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
     return loss_tokens
 
 
-def trainable_after_truncation(tokenized: datasets.Dataset, max_seq_len: int, batch_size: int = 65536) -> np.ndarray:
-    """For instruction documents: whether any loss token survives truncation to ``max_seq_len`` (the first token of
-    a document never carries loss)."""
-    result = []
+def instruction_losses(
+    tokenized: datasets.Dataset, max_seq_len: int, batch_size: int = 65536
+) -> tuple[np.ndarray, int]:
+    """For instruction documents, in one pass over their loss masks: whether any loss token survives truncation to
+    ``max_seq_len``, per document, and how many loss tokens all documents hold before anything is cut (a document's
+    first token never carries loss)."""
+    trainable, total = [], 0
     for batch in tokenized.with_format("arrow").select_columns(["loss_mask"]).iter(batch_size=batch_size):
         masks = batch["loss_mask"].combine_chunks()
         lengths = masks.value_lengths().to_numpy()
         kept = np.minimum(lengths, max_seq_len)
         flags = masks.flatten().to_numpy()
         positions = ranges(np.zeros(len(lengths), np.int64), lengths)
+        total += int(flags[positions >= 1].sum())
         counted = np.where((positions >= 1) & (positions < np.repeat(kept, lengths)), flags, 0)
-        result.append(np.add.reduceat(counted, np.cumsum(lengths) - lengths) > 0 if len(counted) else kept > 0)
-    return np.concatenate(result) if result else np.zeros(0, dtype=bool)
+        trainable.append(np.add.reduceat(counted, np.cumsum(lengths) - lengths) > 0 if len(counted) else kept > 0)
+    return (np.concatenate(trainable) if trainable else np.zeros(0, dtype=bool)), total
 
 
 def pack_dataset(
@@ -170,8 +179,10 @@ def pack_dataset(
     truncate = "loss_mask" in tokenized.column_names
     usable = lengths
     no_loss = np.zeros(len(lengths), dtype=bool)
+    targets = int(np.maximum(lengths - 1, 0).sum())  # text: every token but a document's first
     if truncate:
-        no_loss = ~trainable_after_truncation(tokenized, max_seq_len)
+        trainable, targets = instruction_losses(tokenized, max_seq_len)
+        no_loss = ~trainable
         usable = np.where(no_loss, 0, lengths)  # zero-length documents are dropped by the plan
     plan = plan_packing(usable, max_seq_len, overlap=overlap, truncate=truncate, packing=packing)
     writer = ColumnsWriter(path, PACKED_COLUMNS)
@@ -191,8 +202,28 @@ def pack_dataset(
         "rows": plan.num_rows,
         "fill_fraction": round(num_tokens / slots, 4) if slots else 0.0,
         "loss_token_fraction": round(loss_tokens / slots, 4) if slots else 0.0,
+        "loss_tokens_before_packing": targets,
+        "loss_tokens_lost_fraction": round(1 - loss_tokens / targets, 4) if targets else 0.0,
     }
     return packed, stats
+
+
+# Above this share of the loss tokens cut away by truncation, dropped documents and chunk starts, pack warns (in its log
+# and in the workflow's final summary).
+LOST_LOSS_WARNING = 0.05
+
+
+def lost_loss_warning(split_stats: dict[str, Any], *, split: str, max_seq_len: int) -> str | None:
+    """A warning when packing cut away more than :data:`LOST_LOSS_WARNING` of a split's loss tokens, else None."""
+    lost = split_stats.get("loss_tokens_lost_fraction", 0.0)
+    if lost <= LOST_LOSS_WARNING:
+        return None
+    return (
+        f"packing the {split} split at max_seq_len {max_seq_len} lost {lost:.0%} of its loss tokens "
+        f"({split_stats['documents_truncated']:,} documents truncated, "
+        f"{split_stats['documents_dropped_no_loss_after_truncation']:,} dropped with no loss left): raise max_seq_len "
+        "or shorten the documents"
+    )
 
 
 def run_pack(
@@ -203,14 +234,17 @@ def run_pack(
     tokenized = datasets.load_from_disk(str(tokenized_dir))
     splits, stats = {}, {"max_seq_len": max_seq_len, "packing": packing, "chunk_overlap": overlap}
     digest = hashlib.sha256()  # hardware-accelerated: ~2x blake2b here
-    with tempfile.TemporaryDirectory(prefix="pack-", dir=output_dir.parent) as tmp:
+    with partial_dir(output_dir) as tmp:
         for split, dataset in tokenized.items():
             digest.update(split.encode())
-            splits[split], stats[split] = pack_dataset(dataset, max_seq_len=max_seq_len, path=Path(tmp) / split,
+            splits[split], stats[split] = pack_dataset(dataset, max_seq_len=max_seq_len, path=tmp / split,
                                                        digest=digest, overlap=overlap, packing=packing)  # fmt: skip
             if stats[split]["rows"] == 0:
                 raise DataError(f"the {split} split packs into no rows: {json.dumps(stats[split])}")
             log.info("packed %s: %s", split, json.dumps(stats[split]))
+            if warning := lost_loss_warning(stats[split], split=split, max_seq_len=max_seq_len):
+                log.warning("%s", warning)
+                stats.setdefault("warnings", []).append(warning)
         datasets.DatasetDict(splits).save_to_disk(str(output_dir))
     # What a checkpoint must have been trained on to be resumed on these rows (see vectorlm.resume).
     stats["fingerprint"] = digest.hexdigest()[:32]

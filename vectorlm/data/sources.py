@@ -43,7 +43,15 @@ def describe_format(path: Path) -> str:
 
 
 def text_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    """The documents of a text directory: its .txt and .md files, hidden files and directories (.git, .cache, ...)
+    left out."""
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix in TEXT_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
 
 
 def check_source(path: str | Path, *, key: str, fields: dict[str, str], split: str | None = None) -> None:
@@ -93,30 +101,76 @@ def require_fields(path: str | Path, found: list[str], fields: dict[str, str]) -
                             f"{', '.join(found)}")  # fmt: skip
 
 
+def text_lines(path: Path):
+    """(line number, text) for each line of a UTF-8 text file; a DataError names the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                f"{error.start + 1}); convert the file to UTF-8")  # fmt: skip
+
+
 def json_rows(path: Path):
     """(line number, object) for each non-blank line of a JSON lines file; a DataError names the first bad line."""
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: invalid JSON: {error}") from error
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: not a JSON object but {type(row).__name__}")
-            yield number, row
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number}: invalid JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: not a JSON object but {type(row).__name__}")
+        yield number, row
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array rather than JSON lines (read from its first MB, not its first line,
+    which is the whole file for an array on one line)."""
+    with open(path, "rb") as f:
+        return f.read(2**20).lstrip().startswith(b"[")
 
 
 def _first_json_row_fields(path: Path, *, key: str) -> list[str] | None:
-    """The fields of the first row, or None for a file holding one JSON array (the loader checks those)."""
-    with open(path) as f:
-        if next((line for line in f if line.strip()), "").lstrip().startswith("["):
+    """The fields of the first row (of JSON lines, or of a JSON array when its first object is in the first MB),
+    or None when that cannot be read cheaply (the loader checks it then)."""
+    if _is_json_array(path):
+        with open(path, "rb") as f:
+            head = f.read(2**20).decode("utf-8", errors="replace").lstrip()[1:].lstrip()
+        if head.startswith("]"):
+            raise DataError(f"config key {key}: data file {path} holds an empty JSON array: it has no rows")
+        try:
+            row, _ = json.JSONDecoder().raw_decode(head)
+        except json.JSONDecodeError:
             return None
+        if not isinstance(row, dict):
+            raise DataError(f"config key {key}: {path} is a JSON array of {type(row).__name__}, not of objects")
+        return list(row)
     first = next(json_rows(path), None)
     if first is None:
         raise DataError(f"config key {key}: data file {path} has no rows")
     return list(first[1])
+
+
+def count_missing_fields(path: Path, fields: list[str]) -> dict[str, int]:
+    """How many rows of a JSON lines file lack each of ``fields`` altogether (the loader fills a missing field with
+    null, so only the file can tell a missing field from a null one); {} for other formats.
+
+    One pass over the bytes without parsing: a row has the field when its line holds the quoted key, so a row that
+    lacks the field but quotes its name in a value counts as having it (its skip is then reported as null).
+    """
+    if describe_format(path) != "json" or _is_json_array(path):
+        return {}
+    keys = {field: json.dumps(field).encode() for field in fields}
+    missing = dict.fromkeys(fields, 0)
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                for field, quoted in keys.items():
+                    missing[field] += quoted not in line
+    return missing
 
 
 def load_documents(
@@ -155,13 +209,23 @@ def load_documents(
                     raise DataError(f"config key data.split: {path} has splits {', '.join(dataset)}; choose one "
                                     f"(got {split!r})")  # fmt: skip
                 dataset = dataset[split]
-    except datasets.exceptions.DatasetGenerationError as error:
+    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as error:
         if kind == "json":
             locate_json_problem(path)
+        locate_non_utf8(path)
         raise DataError(f"{path}: cannot read it as {kind}: {error.__cause__ or error}") from error
     if len(dataset) == 0:
-        raise DataError(f"config key {key}: {path} has no rows")
+        raise DataError(f"config key {key}: data file {path} has no rows")
     return dataset
+
+
+def locate_non_utf8(path: Path) -> None:
+    """Raises a DataError naming the first line of a JSON or text-directory source that is not UTF-8 (the loaders
+    let some such bytes through, to fail when the rows are read); returns when every line is UTF-8."""
+    kind = describe_format(path)
+    for file in text_files(path) if kind == "text_dir" else [path] if kind == "json" else []:
+        for _ in text_lines(file):
+            pass
 
 
 def locate_json_problem(path: Path) -> None:

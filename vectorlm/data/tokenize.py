@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,20 +31,27 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vectorlm.config import DataConfig, write_stage_config
-from vectorlm.data.arrow import ColumnsWriter, ranges
-from vectorlm.data.chat import check_messages, render_with_assistant_spans
-from vectorlm.data.sources import DataError, load_documents, require_fields
+from vectorlm.config import ConfigError, DataConfig, write_stage_config
+from vectorlm.data.arrow import ColumnsWriter, partial_dir, ranges
+from vectorlm.data.chat import check_messages, content_spans, render_with_assistant_spans
+from vectorlm.data.sources import (
+    DataError,
+    count_missing_fields,
+    load_documents,
+    locate_non_utf8,
+    require_fields,
+)
 from vectorlm.inputs import check_model_dir
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the tokenized artifact changes shape, so Snakemake re-tokenizes (the rule passes it as a param).
-
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model directory's tokenizer, preferring the fast (Rust) implementation."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"config key model: cannot load the tokenizer of {model_dir}: {error}") from error
     if not tokenizer.is_fast:
         log.warning("%s has no fast tokenizer; tokenizing with the slow Python one", model_dir)
     return tokenizer
@@ -64,22 +71,49 @@ def document_boundaries(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], 
 
 
 class Encoder:
-    """Turns a batch of rows into token ids and loss masks for one kind of data."""
+    """Turns a batch of rows into token ids and loss masks for one kind of data.
+
+    The users' text is tokenized as text: a literal ``</s>`` in a document or a chat message is those characters,
+    never the control token (which the model would then learn to emit mid-text). Special tokens come only from the
+    BOS/EOS put around documents and from the chat template's own markup.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> None:
         self.tokenizer, self.data = tokenizer, data
         self.prefix, self.suffix = document_boundaries(tokenizer)
         self.with_mask = data.mode != "text"
+        specials = {i: str(token) for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        self.special_ids = np.array(sorted(specials), dtype=np.int64)
+        texts = sorted(specials.values(), key=len, reverse=True)
+        self.special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self.as_text = {i: self._text_ids(text) for i, text in specials.items()}
         if data.mode == "messages" and data.chat_template is None and not tokenizer.chat_template:
             raise DataError("the tokenizer has no chat template; give one in data.chat_template")
 
     def ids(self, texts: list[str]) -> list[list[int]]:
-        if texts and self.tokenizer.is_fast:  # the Rust tokenizer directly: no offsets, no Python objects per token
-            return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        if self.tokenizer.is_fast:  # the Rust tokenizer directly: no offsets, no Python objects per token
+            backend = self.tokenizer.backend_tokenizer
+            backend.encode_special_tokens = True  # special-token text in documents is text
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def with_offsets(self, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    def _text_ids(self, text: str) -> list[int]:
+        """The ids of a special token's text as text; without the word-start marker a SentencePiece-style tokenizer
+        puts before a string of its own (the text stands inside a message, not at its start)."""
+        ids = self.ids([text])[0]
+        if self.tokenizer.decode(ids) != text and self.tokenizer.decode(ids[1:]) == text:
+            return ids[1:]
+        return ids
+
+    def with_offsets(self, texts: list[str], *, markup: bool = False) -> tuple[list[list[int]], list[np.ndarray]]:
+        """Token ids and each token's first character; with ``markup`` (a rendered chat template) special-token
+        text becomes special tokens, otherwise it is text."""
+        if not texts:
+            return [], []
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                                 split_special_tokens=not markup)  # fmt: skip
         return encoded["input_ids"], [
             np.asarray(o, dtype=np.int64).reshape(-1, 2)[:, 0] for o in encoded["offset_mapping"]
         ]
@@ -136,26 +170,45 @@ class Encoder:
         return documents, masks, kept
 
     def _messages(self, rows, first_row, source, skipped):
-        texts, spans, kept = [], [], []
+        rendered, kept = [], []
         for row, messages in enumerate(rows[self.data.messages_field], start=first_row):
             where = f"{source}: row {row}"
             if messages is None:
                 skipped[f"{self.data.messages_field} null"] += 1
                 continue
-            text, turns = render_with_assistant_spans(
-                self.tokenizer, check_messages(messages, where=where), template=self.data.chat_template, where=where
-            )
-            if not turns:
+            messages = check_messages(messages, where=where)
+            chat = render_with_assistant_spans(self.tokenizer, messages, template=self.data.chat_template, where=where)
+            if chat.untrained_turns:
+                skipped["note: assistant turns that open a conversation (context, not trained)"] += chat.untrained_turns
+            if not chat.assistant_spans:
                 skipped["no assistant turn"] += 1
                 continue
-            texts.append(text)
-            spans.append(turns)
+            spans = []  # the contents that hold special-token text (rare): they are tokenized as text below
+            search = self.special_text.search if self.special_text else lambda _: None
+            flagged = [index for index, message in enumerate(messages) if search(message["content"])]
+            if flagged:
+                spans = content_spans(self.tokenizer, messages, flagged, template=self.data.chat_template,
+                                      text=chat.text)  # fmt: skip
+                if spans is None:
+                    skipped["special-token text in a message the chat template changes"] += 1
+                    continue
+            rendered.append((chat, spans))
             kept.append(row)
         documents, masks = [], []
-        for ids, starts, turns in zip(*self.with_offsets(texts), spans):
-            masks.append(np.any([(starts >= a) & (starts < b) for a, b in turns], axis=0))
+        for (chat, spans), ids, starts in zip(rendered, *self.with_offsets([c.text for c, _ in rendered], markup=True)):
+            if spans:
+                ids, starts = self._specials_as_text(ids, starts, spans)
+            masks.append(np.any([(starts >= a) & (starts < b) for a, b in chat.assistant_spans], axis=0))
             documents.append(ids)
         return documents, masks, kept
+
+    def _specials_as_text(self, ids: list[int], starts: np.ndarray, spans: list[tuple[int, int]]):
+        """The rendered chat's tokens with every special token that stands inside a message's content replaced by the
+        tokens of its text. The template's markup keeps its special tokens; the rest is tokenized as at inference."""
+        inside = np.isin(ids, self.special_ids) & np.any([(starts >= a) & (starts < b) for a, b in spans], axis=0)
+        pieces = [[t] if not replace else self.as_text[t] for t, replace in zip(ids, inside.tolist())]
+        new_starts = np.repeat(starts, [len(p) for p in pieces])
+        return [t for piece in pieces for t in piece], new_starts
 
 
 def eval_rows(num_rows: int, *, fraction: float, seed: int) -> np.ndarray:
@@ -179,8 +232,8 @@ def run_tokenize(
     encoder = Encoder(load_tokenizer(model_dir, trust_remote_code=trust_remote_code), data)
     columns = ["input_ids", "loss_mask"] if encoder.with_mask else ["input_ids"]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tokenize-", dir=output_dir.parent) as tmp:
-        writers = {split: ColumnsWriter(Path(tmp) / f"{split}.arrow", columns) for split in ("train", "eval")}
+    with partial_dir(output_dir) as tmp:
+        writers = {split: ColumnsWriter(tmp / f"{split}.arrow", columns) for split in ("train", "eval")}
         stats: dict[str, Any] = {split: Counter() for split in writers}
         for key, path in (("data.train", data.train), ("data.eval", data.eval)):
             if path is None:
@@ -190,8 +243,13 @@ def run_tokenize(
             held_out = None
             if key == "data.train" and data.eval is None:
                 held_out = eval_rows(len(documents), fraction=data.eval_fraction, seed=data.split_seed)
-            _encode_source(documents.select_columns(list(data.fields)), encoder, writers, stats, key=key,
-                           source=str(path), held_out=held_out, batch_size=data.tokenize_batch_size)  # fmt: skip
+            try:
+                _encode_source(documents.select_columns(list(data.fields)), encoder, writers, stats, key=key,
+                               source=str(path), held_out=held_out, batch_size=data.tokenize_batch_size)  # fmt: skip
+            except UnicodeDecodeError as error:
+                locate_non_utf8(Path(path))  # names the file and line
+                raise DataError(f"{path}: holds text that is not UTF-8 ({error})") from error
+            _count_missing_fields(Path(path), data, stats["eval" if key == "data.eval" else "train"])
         tokenized = datasets.DatasetDict({split: writer.finish() for split, writer in writers.items()})
         seconds = time.perf_counter() - start
         for split in writers:
@@ -222,6 +280,20 @@ def _encode_source(documents, encoder, writers, stats, *, key, source, held_out,
     progress.close()
 
 
+def _count_missing_fields(path: Path, data: DataConfig, stats: Counter) -> None:
+    """Tells rows that lack a field from rows where it is null or empty: the loader makes both null."""
+    nulls = {field: f"skipped: {field} null or empty" for field in data.fields}
+    nulls[data.messages_field] = f"skipped: {data.messages_field} null"
+    if not any(stats.get(key) for key in nulls.values()):
+        return  # no null at all: nothing is missing
+    for field, missing in count_missing_fields(path, list(data.fields)).items():
+        if missing and stats.get(nulls[field]):
+            stats[nulls[field]] -= missing
+            stats[f"skipped: {field} missing"] += missing
+            if not stats[nulls[field]]:
+                del stats[nulls[field]]
+
+
 def _route(ids, masks, kept, skipped, encoder, writers, stats, *, split, held_out) -> None:
     """Writes a batch's documents to the split each belongs to, and counts what was skipped."""
     kept = np.asarray(kept, dtype=np.int64) - 1
@@ -232,7 +304,8 @@ def _route(ids, masks, kept, skipped, encoder, writers, stats, *, split, held_ou
         if len(chosen):
             _write(writers[target], [ids[i] for i in chosen], None if masks is None else [masks[i] for i in chosen],
                    stats[target], (encoder.prefix, encoder.suffix))  # fmt: skip
-    stats[split].update({f"skipped: {reason}": n for reason, n in skipped.items()})
+    stats[split].update({r.removeprefix("note: ") if r.startswith("note: ") else f"skipped: {r}": n
+                         for r, n in skipped.items()})  # fmt: skip
 
 
 def _write(writer: ColumnsWriter, ids: list[list[int]], masks: list[np.ndarray] | None, stats: Counter,
