@@ -16,7 +16,10 @@ CORPUS = REPO / "examples" / "tiny" / "corpus.jsonl"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def requires_gpu(test):
+    """Marks a test ``gpu`` (``pytest -m gpu`` selects it, as bench/gpu.sh does) and skips it without a GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

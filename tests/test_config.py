@@ -62,7 +62,7 @@ def test_docs_say_which_keys_rerun_nothing():
     rows = [
         line.split(" | ") for line in (REPO / "docs" / "config.md").read_text().splitlines() if line.startswith("| `")
     ]
-    documented = {cells[0].strip("| `") for cells in rows if cells[3] == "nothing"}
+    documented = {cells[0].strip("| `") for cells in rows if len(cells) >= 5 and cells[3] == "nothing"}
     assert documented == {f"{section}.{key}" for section, keys in OPERATIONAL_KEYS.items() for key in keys}
 
 

@@ -61,12 +61,28 @@ def test_hybrid_sharding_over_two_simulated_nodes(tmp_path, tiny_model_dir, pack
     )
 
 
-@pytest.mark.parametrize("variant", [{"sharding": "none"}, {"activation_checkpointing": True}])
-def test_replication_and_activation_checkpointing_change_nothing(
+VARIANTS = [
+    {"sharding": "none"},
+    {"activation_checkpointing": True},  # the boolean of earlier versions: full
+    {"activation_checkpointing": "selective"},
+    {"loss": "plain"},  # the run it is compared with computes the chunked loss (auto on a CPU)
+    {"compile": True},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()))
+def test_replication_checkpointing_loss_and_compile_change_nothing(
     variant, two_rank_run, tmp_path, tiny_model_dir, packed_dir
 ):
+    """Each speed or memory option trains the same: losses and gradient norms equal (fp32, 2 ranks); compiled
+    kernels may reorder floating-point sums, hence rel 1e-4 for them."""
     run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, **variant})
-    np.testing.assert_allclose([s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]], rtol=1e-5)
+    rtol = 1e-4 if variant.get("compile") else 1e-5
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert f"loss {variant.get('loss', 'chunked')}, activation checkpointing " in log
+    assert ("decoder blocks and loss compiled" in log) == bool(variant.get("compile"))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([s[key] for s in run["steps"]], [s[key] for s in two_rank_run["steps"]], rtol=rtol)
 
 
 def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):

@@ -90,8 +90,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     sharding: str = "full"
     mixed_precision: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"
     attention: str = "auto"
+    compile: bool = False
+    loss: str = "auto"
     eval_every: int | None = None
     eval_max_batches: int | None = None
     checkpoint_every: int | None = None
@@ -116,6 +118,11 @@ class TrainConfig:
             )
         if self.sharding not in ("full", "hybrid", "none"):
             raise ConfigError(f"train.sharding must be full, hybrid or none, got {self.sharding!r}")
+        if isinstance(self.activation_checkpointing, bool):  # the documented booleans of earlier versions
+            object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ConfigError("train.activation_checkpointing must be none, full or selective (or false / true), "
+                              f"got {self.activation_checkpointing!r}")  # fmt: skip
 
     def grad_accumulation_steps(self, dp_world_size: int) -> int:
         """Micro-steps per optimizer step so that ``dp_world_size`` ranks make one global batch."""

@@ -7,8 +7,8 @@ copy of a 70B model in memory.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,23 +19,16 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from vectorlm.config import ConfigError, LoraSettings, TrainConfig
+from vectorlm.attention import model_attention
+from vectorlm.config import LoraSettings, TrainConfig
 from vectorlm.distributed import DistributedEnv, build_mesh
 from vectorlm.lora import apply_lora, base_weight_name
+from vectorlm.loss import install_loss, resolve_loss
 
 log = logging.getLogger(__name__)
-
-
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """The attention implementation to use: ``auto`` is flash-attn on a GPU where it is installed, else sdpa."""
-    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
-    if requested == "flash_attention_2" and not has_flash:
-        raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
-    return requested
 
 
 def build_empty_model(model_dir: str | Path, *, attention: str, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -43,9 +36,17 @@ def build_empty_model(model_dir: str | Path, *, attention: str, trust_remote_cod
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     # A KV cache makes transformers ignore per-document position_ids, so packed documents would attend to each other.
     config.use_cache = False
+    if getattr(config, "output_router_logits", False):
+        # transformers adds the router's load-balancing loss, scaled for a mean loss, to the summed loss of
+        # vectorlm.loss: it would count 1 / (loss tokens) as much as configured and inflate the logged loss.
+        log.warning("model %s: the router's load-balancing loss (output_router_logits) is not applied", model_dir)
+        config.output_router_logits = False
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attention, trust_remote_code=trust_remote_code, dtype=torch.float32
+            config,
+            attn_implementation=model_attention(attention),
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
         )
     # init_empty_weights re-registers every parameter on the meta device, which unties tied embeddings.
     model.tie_weights()
@@ -122,9 +123,44 @@ def store_frozen_in_bf16(model: nn.Module) -> None:
             setattr(module, name, converted[id(param)])
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recomputes each decoder layer in backward (transformers' non-reentrant checkpointing, which FSDP2 supports)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+# What selective activation checkpointing keeps, by operator name: the outputs of the matmuls and of attention
+# (sdpa's kernels, flash-attn's, flex attention), which are expensive to recompute; everything else (norms, activation
+# functions, rotary embeddings, casts) is recomputed in backward.
+_KEPT_OPS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "flash_attn::_flash_attn_forward",
+    "flash_attn::_flash_attn_varlen_forward", "flex_attention",
+}  # fmt: skip
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op.name() in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: PreTrainedModel, mode: str) -> None:
+    """Recomputes each decoder layer in backward (``full``), or all of it but its matmul and attention outputs
+    (``selective``: op-level selective checkpointing). Non-reentrant ``torch.utils.checkpoint``, which FSDP2 and
+    torch.compile support; the layer's forward is wrapped in place, so parameter names do not change."""
+    if mode == "none":
+        return
+    for layer in decoder_layers(model):
+        layer.forward = partial(_checkpointed, layer.forward, selective=mode == "selective")
+
+
+def _checkpointed(forward, *args, selective: bool, **kwargs):
+    # A function of our own rather than a partial of checkpoint itself: torch.compile skips torch.utils.checkpoint
+    # when it is the frame it starts from, and would compile nothing; called from here, it traces the checkpoint
+    # (and the selective policy) into the block's graph.
+    context = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
+    return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
+
+
+def compile_layers(model: PreTrainedModel, *, backend: str = "inductor") -> None:
+    """torch.compile of each decoder block in place (names unchanged), before sharding: one graph per block, which
+    FSDP2's per-block communication wraps (torchtitan's approach)."""
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -150,8 +186,12 @@ def build_model(
         model, adapters = apply_lora(model, lora, seed=train.seed)
         if train.mixed_precision:
             store_frozen_in_bf16(model)
-    if train.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    loss = install_loss(model, resolve_loss(train.loss, env.device), compile=train.compile)
+    apply_activation_checkpointing(model, train.activation_checkpointing)
+    if train.compile:
+        compile_layers(model)
+    log.info("loss %s, activation checkpointing %s, %s", loss, train.activation_checkpointing,
+             "decoder blocks and loss compiled" if train.compile else "not compiled")  # fmt: skip
     mesh = build_mesh(env, train.sharding)
     apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
     materialize(model, model_dir, env.device, group=env.checkpoint_group)

@@ -9,32 +9,32 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from vectorlm.attention import document_mask_kwargs
 from vectorlm.config import TrainConfig
 from vectorlm.data.loader import fetch
 from vectorlm.data.pack import IGNORE_INDEX
 from vectorlm.distributed import DistributedEnv, all_reduce_sum
+from vectorlm.loss import has_loss, plain_loss_sum
 
 
 def forward_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits of a packed batch, documents isolated from each other.
+    """Logits of a packed batch, documents isolated from each other (for a model without :func:`install_loss`).
 
-    No attention mask and no KV cache: only then does transformers turn the restarting position_ids into a
-    block-diagonal mask (sdpa, eager) or cu_seq_lens (flash-attn). With a cache, packed documents see each other.
+    No KV cache: with one, transformers ignores the restarting position_ids and packed documents see each other.
     """
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                 **document_mask_kwargs(model.config, batch)).logits  # fmt: skip
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss tokens (labels != -100), in fp32."""
-    logits = forward_logits(model, batch)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    """Summed next-token cross-entropy over the batch's loss tokens (labels != -100), in fp32: the loss
+    :func:`vectorlm.loss.install_loss` put in the model, computed in its forward, else the plain loss from its
+    logits."""
+    if not has_loss(model):
+        return plain_loss_sum(forward_logits(model, batch), batch["labels"])
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                 use_cache=False, **document_mask_kwargs(model.config, batch)).loss  # fmt: skip
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

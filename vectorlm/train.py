@@ -31,6 +31,7 @@ import torch.distributed as dist
 import yaml
 from transformers import get_scheduler
 
+from vectorlm.attention import resolve_attention
 from vectorlm.checkpoint import Checkpointer, checkpoint_dir, checkpoints_root, load_checkpoint
 from vectorlm.config import ConfigError, LoraSettings, TrainConfig, to_plain
 from vectorlm.data.arrow import list_lengths
@@ -40,7 +41,7 @@ from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distribute
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import setup_logging
 from vectorlm.metrics import MetricsLog, StepMeter, peak_flops, peak_memory_mb, training_flops
-from vectorlm.model import build_model, count_parameters, resolve_attention
+from vectorlm.model import build_model, count_parameters
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from vectorlm.resume import StartPlan, plan_start, run_fingerprint
 from vectorlm.step import build_optimizer, evaluate, to_device, train_step

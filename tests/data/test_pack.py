@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import requires_gpu
+from vectorlm.attention import FLASH_VARLEN
 from vectorlm.data.loader import collate
 from vectorlm.data.pack import (
     IGNORE_INDEX,
@@ -170,7 +171,7 @@ def check_isolation(model, rows, *, flatten: bool, device: str = "cpu") -> int:
 
 
 @pytest.mark.parametrize("instruction", [False, True], ids=["text", "instruction"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
 @pytest.mark.parametrize("flatten", [False, True], ids=["padded", "flattened"])
 def test_documents_in_a_packed_row_do_not_attend_to_each_other(tmp_path, tiny_model_dir, attention, instruction,
                                                                flatten):  # fmt: skip
@@ -191,9 +192,7 @@ def test_flash_attention_varlen_isolates_documents_on_gpu(tmp_path, tiny_model_d
     docs = [rng.integers(2, 300, size=n).tolist() for n in (40, 17, 60, 9, 25)]
     packed, _ = pack(tmp_path, docs, max_seq_len=128)
     model = (
-        AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, attn_implementation="flash_attention_2", dtype=torch.bfloat16
-        )
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=FLASH_VARLEN, dtype=torch.bfloat16)
         .to("cuda")
         .eval()
     )

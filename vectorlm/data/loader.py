@@ -87,8 +87,8 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool) -> dict[str, Any
     """Stacks packed rows into a batch the model can take with ``attention_mask=None``.
 
     Padded form (sdpa, eager): rows padded to the longest with label -100 and positions restarting at 0, so padding is
-    one more isolated "document". Flattened form (flash-attn varlen): all rows in one row of batch size 1, the only
-    layout in which transformers derives ``cu_seq_lens`` from position_ids.
+    one more isolated "document". Flattened form (flash-attn varlen): all rows in one row of batch size 1, with the
+    documents' cumulative lengths (``cu_seq_lens``, int32) and the longest (``max_length``) for flash-attn.
 
     Counted here, on the CPU, so that training needs no device-to-host copy for them: ``num_tokens`` (real tokens),
     ``num_loss_tokens`` (next-token targets that count in the loss) and ``sum_squared_lengths`` (over documents,
@@ -102,7 +102,10 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool) -> dict[str, Any
     }
     if flatten:
         batch = {c: torch.tensor(np.concatenate([r[c] for r in rows]), dtype=torch.long)[None] for c in columns}
-        return {**batch, **counts}
+        lengths = np.concatenate([document_lengths(np.asarray(r["position_ids"])) for r in rows])
+        boundaries = {"cu_seq_lens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
+                      "max_length": int(lengths.max())}  # fmt: skip
+        return {**batch, **counts, **boundaries}
     width = max(len(r["input_ids"]) for r in rows)
     batch: dict[str, Any] = {
         "input_ids": torch.zeros(len(rows), width, dtype=torch.long),

@@ -1,0 +1,119 @@
+"""Attention over packed rows: each document attends only to itself, and the host never waits for the GPU.
+
+Given ``position_ids`` that restart at 0 for each document, transformers finds the documents itself, but it does so
+in every forward with a Python test on a device tensor (a device-to-host sync), and for flash-attn it derives
+``cu_seq_lens`` from the positions in every layer. Here the documents are described once per micro-batch instead:
+
+- ``flash_attention_2``: the cumulative document lengths are computed on the CPU when collating, and a varlen
+  flash-attn call of our own (:func:`flash_varlen_attention`, registered with transformers) uses them; transformers
+  builds no mask at all for it.
+- ``flex_attention``: a block-sparse document mask (``BlockMask``) built on the device from the positions by a
+  compiled ``create_block_mask``: nothing of size L x L.
+- ``sdpa``: a dense boolean L x L document mask per row, built on the device (the same mask transformers would
+  build, without its sync). On a GPU this is the fallback, with a warning that states its cost.
+- ``eager``, and any model with sliding-window or chunked-attention layers: transformers' own path, which knows
+  each layer's window.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig
+
+from vectorlm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+FLASH_VARLEN = "vectorlm_flash_varlen"  # our varlen flash-attn function's name in transformers' registry
+
+
+def flash_varlen_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
+                           cu_seq_lens: torch.Tensor | None = None, max_length: int | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """flash-attn over the documents of one flattened row (batch size 1), delimited by ``cu_seq_lens``; without
+    them (a plain forward, e.g. of one document), each row is one sequence."""
+    from flash_attn import flash_attn_varlen_func
+
+    if cu_seq_lens is None:
+        rows, length = query.shape[0], query.shape[2]
+        cu_seq_lens = torch.arange(0, (rows + 1) * length, length, dtype=torch.int32, device=query.device)
+        max_length = length
+
+    if kwargs.get("s_aux") is not None or not getattr(module, "is_causal", True):
+        raise NotImplementedError("train.attention: flash_attention_2 here handles causal attention without sinks; "
+                                  "use flex_attention or sdpa for this model")  # fmt: skip
+    window = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
+    dtype = query.dtype
+    if dtype == torch.float32:  # flash-attn computes in bf16 or fp16 only (train.mixed_precision: false)
+        query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    out = flash_attn_varlen_func(
+        q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, dropout_p=dropout if module.training else 0.0,
+        softmax_scale=scaling, causal=True, window_size=(window - 1, 0) if window else (-1, -1),
+        softcap=kwargs.get("softcap") or 0.0,
+    )  # fmt: skip
+    return out.view(query.shape[0], -1, *out.shape[-2:]).to(dtype), None
+
+
+AttentionInterface.register(FLASH_VARLEN, flash_varlen_attention)
+
+
+def all_layers_attend_fully(config: PretrainedConfig) -> bool:
+    """Whether every layer attends causally to the whole row: no sliding windows (Mistral, Gemma-2/3, Qwen2 with
+    them on) and no chunked attention (Llama 4), whose per-layer masks transformers must build itself."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return all(getattr(config, key, None) is None for key in ("sliding_window", "attention_chunk_size"))
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """The attention to use for ``train.attention``: ``auto`` is flash-attn on a GPU where it is installed, else
+    flex attention on a GPU, else sdpa (on a CPU)."""
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "flex_attention" if device.type == "cuda" else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    if requested == "sdpa" and device.type == "cuda":
+        log.warning("train.attention: sdpa on a GPU isolates packed documents with a dense boolean mask of "
+                    "micro_batch_size x max_seq_len^2 bytes per forward (64 MB at 4 x 4096), which also keeps sdpa "
+                    "off its flash kernel; flex_attention (or flash_attention_2) does not")  # fmt: skip
+    return requested
+
+
+def model_attention(attention: str) -> str:
+    """The name the model is built with: our varlen function in place of transformers' flash-attn path."""
+    return FLASH_VARLEN if attention == "flash_attention_2" else attention
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which document each token belongs to, per row: positions restart at 0 with each document."""
+    return (position_ids == 0).cumsum(-1)
+
+
+def document_mask_kwargs(config: PretrainedConfig, batch: dict[str, Any]) -> dict[str, Any]:
+    """What the forward of a model built with ``config`` needs, besides ``position_ids``, to keep the batch's
+    documents apart."""
+    attention = config._attn_implementation
+    if attention == FLASH_VARLEN:
+        return {"cu_seq_lens": batch["cu_seq_lens"], "max_length": batch["max_length"]}
+    if attention not in ("sdpa", "flex_attention") or not all_layers_attend_fully(config):
+        return {}
+    docs = document_ids(batch["position_ids"])
+    if attention == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (docs[b, q] == docs[b, kv]) & (kv <= q)
+
+        rows, length = docs.shape
+        # Compiled on a GPU: the eager version evaluates the mask at every (query, key) pair, L x L at once.
+        return {"attention_mask": create_block_mask(same_document_causal, rows, None, length, length,
+                                                    device=docs.device, _compile=docs.is_cuda)}  # fmt: skip
+    causal = torch.ones(docs.shape[1], docs.shape[1], dtype=torch.bool, device=docs.device).tril()
+    return {"attention_mask": ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]}
