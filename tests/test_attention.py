@@ -72,3 +72,44 @@ def test_a_training_step_on_gpu_never_waits_for_the_device(tiny_model_dir, atten
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert np.isfinite(next(model.parameters()).grad.float().norm().item())
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                     window_size=(-1, -1), softcap=0.0, **_):  # fmt: skip
+    """flash-attn's varlen call, computed document by document with sdpa: what a CPU can check of the varlen path."""
+    calls.append({"cu_seq_lens": cu_q.tolist(), "max_length": max_q, "causal": causal, "window": window_size})
+    assert torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32 and isinstance(max_q, int)
+    out = torch.empty_like(q)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        heads = q.shape[1] // k.shape[1]
+        doc_q, doc_k, doc_v = (t[start:end].transpose(0, 1).float() for t in (q, k, v))
+        doc_k, doc_v = doc_k.repeat_interleave(heads, 0), doc_v.repeat_interleave(heads, 0)
+        attended = torch.nn.functional.scaled_dot_product_attention(doc_q, doc_k, doc_v, is_causal=causal,
+                                                                    scale=softmax_scale)  # fmt: skip
+        out[start:end] = attended.transpose(0, 1).to(q.dtype)
+    return out
+
+
+calls: list[dict] = []
+
+
+def test_the_flash_attn_path_gets_the_documents_from_collate(tiny_model_dir, monkeypatch):
+    """The varlen path end to end on a CPU, with flash-attn's function replaced by a per-document reference: the
+    boundaries computed when collating reach it unchanged, and each packed document's logits equal the document's
+    alone (within bf16, flash-attn's precision)."""
+    import sys
+    import types
+
+    from vectorlm.attention import FLASH_VARLEN
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=reference_varlen))
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=FLASH_VARLEN).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    batch = collate(ROWS, flatten=True)
+    with torch.no_grad():
+        logits = forward_logits(model, batch)[0]
+        assert calls[0] == {"cu_seq_lens": [0, 5, 8, 16, 26, 32], "max_length": 10, "causal": True, "window": (-1, -1)}
+        for start, end in zip(calls[0]["cu_seq_lens"][:-1], calls[0]["cu_seq_lens"][1:]):
+            alone = plain(input_ids=batch["input_ids"][:, start:end]).logits[0]
+            torch.testing.assert_close(logits[start:end], alone, atol=5e-2, rtol=0)

@@ -28,7 +28,9 @@ from vectorlm.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-FLASH_VARLEN = "vectorlm_flash_varlen"  # our varlen flash-attn function's name in transformers' registry
+# Our varlen flash-attn function's name in transformers' registry. Not "flash" in it: transformers takes any such name
+# for a flash-attn kernel to load and fails to find one.
+FLASH_VARLEN = "vectorlm_varlen"
 
 
 def flash_varlen_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
