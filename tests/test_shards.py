@@ -28,10 +28,14 @@ def test_reads_what_the_safetensors_library_wrote(tmp_path):
         assert tensor.dtype == TENSORS[name].dtype and torch.equal(tensor, TENSORS[name])
 
 
-def test_writes_shards_the_library_reads_and_reads_them_back(tmp_path):
+def test_writes_shards_the_library_reads_and_reads_them_back(tmp_path, caplog):
     shapes = {name: tuple(t.shape) for name, t in TENSORS.items() if t.is_floating_point()}
-    index = write_sharded(tmp_path, shapes, dtype=torch.float32, max_shard_bytes=40,
-                          load=lambda names: {n: TENSORS[n].clone() for n in names})  # fmt: skip
+    with caplog.at_level("INFO"):
+        index = write_sharded(tmp_path, shapes, dtype=torch.float32, max_shard_bytes=40,
+                              load=lambda names: {n: TENSORS[n].clone() for n in names})  # fmt: skip
+    # Consolidating a large model says what it is doing: the whole, then each file with the time left.
+    assert "writing 4 tensors, 0.00 GB in torch.float32, to 2 file(s)" in caplog.text
+    assert "model-00002-of-00002.safetensors (2 of 2 files, 3 tensors; 0.00 of 0.00 GB, 0s left)" in caplog.text
     assert (tmp_path / INDEX_FILE).is_file() and len(set(index["weight_map"].values())) == 2  # [a], [b, scalar, empty]
     assert index["metadata"]["total_size"] == 4 * (15 + 7 + 1)
     for name, file in index["weight_map"].items():

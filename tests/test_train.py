@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import datasets
@@ -93,6 +94,9 @@ def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):
     summary, steps, evals = run["summary"], run["steps"], run["evals"]
     assert [e["step"] for e in evals] == [0, 10, 20, 30]
     assert [s["step"] for s in steps] == [5, 10, 15, 20, 25, 30]
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert re.search(r"step 5/30 \| loss [\d.]+ \| .* \| eta \d+(m\d\ds|s)\n", log)  # the time the rest will take
+    assert "step 30/30 |" in log and "| eta 0s" in log
     assert summary["final_eval_loss"] < 0.75 * summary["initial_eval_loss"]
     assert all(s["tokens_per_second"] > 0 and s["grad_norm"] > 0 and s["mfu"] is None for s in steps)
     # The rate each step used: the schedule's value before it advanced (step 1 uses index 0).

@@ -8,6 +8,7 @@ copy of a 70B model in memory.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -194,7 +195,10 @@ def build_model(
              "decoder blocks and loss compiled" if train.compile else "not compiled")  # fmt: skip
     mesh = build_mesh(env, train.sharding)
     apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
+    start = time.monotonic()
+    log.info("reading this rank's shards of the weights of %s", model_dir)
     materialize(model, model_dir, env.device, group=env.checkpoint_group)
+    log.info("weights read in %.1f s", time.monotonic() - start)
     if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
         set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))
     return model, mesh

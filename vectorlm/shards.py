@@ -12,11 +12,14 @@ import json
 import logging
 import math
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vectorlm.log import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,17 @@ def write_sharded(
     sizes = {n: math.prod(shape) * dtype.itemsize for n, shape in shapes.items()}
     shards = plan_shards(sizes, max_shard_bytes)
     output_dir.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
+    weight_map, total, written, start = {}, sum(sizes.values()), 0, time.monotonic()
+    log.info("writing %d tensors, %.2f GB in %s, to %d file(s) in %s", len(shapes), total / 1e9, dtype, len(shards),
+             output_dir)  # fmt: skip
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(output_dir / file_name, {n: shapes[n] for n in shard}, dtype=dtype, load=load)
         weight_map.update(dict.fromkeys(shard, file_name))
-        log.info("wrote %s (%d of %d files, %d tensors)", file_name, number, len(shards), len(shard))
+        written += sum(sizes[n] for n in shard)
+        left = (time.monotonic() - start) / written * (total - written) if written else 0.0
+        log.info("wrote %s (%d of %d files, %d tensors; %.2f of %.2f GB, %s left)", file_name, number, len(shards),
+                 len(shard), written / 1e9, total / 1e9, format_duration(left))  # fmt: skip
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return index

@@ -39,7 +39,7 @@ from vectorlm.data.loader import DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distributed
 from vectorlm.inputs import check_model_dir
-from vectorlm.log import setup_logging
+from vectorlm.log import format_duration, setup_logging
 from vectorlm.metrics import MetricsLog, StepMeter, peak_flops, peak_memory_mb, training_flops
 from vectorlm.model import build_model, count_parameters
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
@@ -184,7 +184,7 @@ class Trainer:
             record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch}
             record["skipped_steps"] += self.skipped_steps
             self.throughput.append(record["tokens_per_second"])
-            log.info(_format(record, self.max_steps))
+            log.info(_format(record, self.max_steps, eta=self.time_left(step)))
             self.metrics.write(record)
             if self.meter.longest_skip_run >= self.cfg.max_nonfinite_steps:
                 raise NonFiniteGradients(
@@ -220,6 +220,12 @@ class Trainer:
                  ", the rest is written in the background" if background else "")  # fmt: skip
         return path
 
+    def time_left(self, step: int) -> str:
+        """The time the remaining steps will take at this run's pace so far (evaluations and saves included)."""
+        start, first_step = self.started
+        per_step = (time.monotonic() - start) / (step - first_step + 1)
+        return format_duration(per_step * (self.max_steps - step))
+
     def total_skipped_steps(self) -> int:
         """Steps skipped for a non-finite gradient norm in the whole run, resumed parts included."""
         return self.skipped_steps + self.meter.total_skips()
@@ -246,6 +252,7 @@ class Trainer:
             if first_step == 1:
                 self.evaluate(0)
             self.meter.start()
+            self.started = (time.monotonic(), first_step)
             for step in range(first_step, self.max_steps + 1):
                 self.step(step)
                 if step == self.max_steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
@@ -321,12 +328,13 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
     return decision[0]
 
 
-def _format(record: dict[str, Any], max_steps: int) -> str:
+def _format(record: dict[str, Any], max_steps: int, *, eta: str) -> str:
     mfu = f" | mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
     skipped = f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
     return (
         f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-        f"grad_norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_second']:,.0f}{mfu}{skipped}"
+        f"grad_norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_second']:,.0f}{mfu}{skipped} | "
+        f"eta {eta}"
     )
 
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import datasets
 import numpy as np
-from tqdm.auto import tqdm
 
 from vectorlm.config import write_stage_config
 from vectorlm.data.arrow import ColumnsWriter, ListColumn, list_lengths, partial_dir, ranges
 from vectorlm.data.sources import DataError
+from vectorlm.log import Progress
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
     input_ids = ListColumn(table.column("input_ids"))
     loss_mask = ListColumn(table.column("loss_mask")) if "loss_mask" in table.column_names else None
     loss_tokens = 0
-    for first in tqdm(range(0, plan.num_rows, rows_per_batch), desc="pack", unit="batches", mininterval=2):
+    progress = Progress(plan.num_rows, desc="pack", unit="rows")
+    for first in range(0, plan.num_rows, rows_per_batch):
         lo, hi = row_starts[first], row_starts[min(first + rows_per_batch, plan.num_rows)]
         docs, starts, length = plan.doc[lo:hi], plan.start[lo:hi], plan.length[lo:hi]
         tokens = input_ids.gather(docs, starts, length)
@@ -149,6 +150,8 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
             digest.update(array.offsets.to_numpy().tobytes())
             digest.update(array.flatten().to_numpy().tobytes())
         loss_tokens += int((labels != IGNORE_INDEX).sum())
+        progress.update(len(row_lengths))
+    progress.close()
     return loss_tokens
 
 

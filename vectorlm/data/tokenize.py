@@ -28,7 +28,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from vectorlm.config import ConfigError, DataConfig, write_stage_config
@@ -42,6 +41,7 @@ from vectorlm.data.sources import (
     require_fields,
 )
 from vectorlm.inputs import check_model_dir
+from vectorlm.log import Progress
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def run_tokenize(
 
 def _encode_source(documents, encoder, writers, stats, *, key, source, held_out, batch_size) -> None:
     split = "eval" if key == "data.eval" else "train"
-    progress = tqdm(total=len(documents), desc=f"tokenize {Path(source).name}", unit="rows", mininterval=2)
+    progress = Progress(len(documents), desc=f"tokenize {Path(source).name}", unit="rows")
 
     def encode(first: int):
         skipped: Counter = Counter()
