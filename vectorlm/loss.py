@@ -70,9 +70,12 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b summed in fp32 and returned in fp32 (bf16 inputs on a GPU stay bf16 in the matmul)."""
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return torch.mm(a.float(), b.float())
-    return torch.mm(a, b, out_dtype=torch.float32)
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch or GPU without bf16 -> fp32 matmuls
+            pass
+    return torch.mm(a.float(), b.float())
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
