@@ -15,13 +15,15 @@ include: "rules/example.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/export.smk"
+include: "rules/report.smk"
 
 
-# The whole pipeline: tokenize -> pack -> train -> consolidate -> convert_hf.
+# The whole pipeline: tokenize -> pack -> train -> consolidate -> convert_hf, and the run's report.
 rule all:
     default_target: True
     input:
         rules.convert_hf.output.model,
+        rules.report.output.report,
 
 
 onsuccess:

@@ -30,7 +30,7 @@ MINE = {
     "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "eval_max_batches": 4},
     "export": {"smoke_test_prompt": "Once upon"},
 }
-EVERYTHING = {"tokenize", "pack", "train", "consolidate", "convert_hf", "all"}
+EVERYTHING = {"tokenize", "pack", "train", "consolidate", "convert_hf", "report", "all"}
 
 
 def snakemake(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -96,7 +96,13 @@ def test_plain_snakemake_still_runs_the_embedded_default(repo):
 
 def test_several_config_files_merge_in_order(repo):
     (repo / "lr.yaml").write_text(yaml.safe_dump({"train": {"lr": 1.0e-3}}))  # not a whole experiment on its own
-    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {"train", "consolidate", "convert_hf", "all"}
+    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {
+        "train",
+        "consolidate",
+        "convert_hf",
+        "report",
+        "all",
+    }
     assert planned(repo, "--configfile", "mine.yaml") == set()
 
 
@@ -121,8 +127,8 @@ def edited(path: Path, change) -> bytes:
 CHANGES = [
     ("vectorlm/data/pack.py", lambda text: text + "\nPACKED_COLUMNS = list(PACKED_COLUMNS)\n", EVERYTHING - {"tokenize"}),
     ("vectorlm/data/chat.py", lambda text: text + "\n# a behaviour change would go here\n", EVERYTHING),
-    ("vectorlm/step.py", lambda text: text + "\n", {"train", "consolidate", "convert_hf", "all"}),
-    ("vectorlm/export.py", lambda text: text + "\n", {"consolidate", "convert_hf", "all"}),
+    ("vectorlm/step.py", lambda text: text + "\n", {"train", "consolidate", "convert_hf", "report", "all"}),
+    ("vectorlm/export.py", lambda text: text + "\n", {"consolidate", "convert_hf", "report", "all"}),
     ("workflow_scripts/pack.py", lambda text: text + "\n", EVERYTHING - {"tokenize"}),
     ("data/corpus.jsonl", lambda text: text + json.dumps({"text": "One more story."}) + "\n", EVERYTHING),
     ("models/tiny/tokenizer_config.json", lambda text: text.replace("{", '{"model_max_length": 512, ', 1), EVERYTHING),
@@ -147,7 +153,7 @@ def test_changed_weights_rerun_training_not_tokenization(repo):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
     save_file(tensors, weights, metadata={"format": "pt"})
     try:
-        assert planned(repo, "--configfile=mine.yaml") == {"train", "consolidate", "convert_hf", "all"}
+        assert planned(repo, "--configfile=mine.yaml") == {"train", "consolidate", "convert_hf", "report", "all"}
     finally:
         weights.write_bytes(original)
     assert planned(repo, "--configfile=mine.yaml") == set()
@@ -155,7 +161,13 @@ def test_changed_weights_rerun_training_not_tokenization(repo):
 
 def test_numbers_written_the_way_users_write_them(repo):
     (repo / "lr.yaml").write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
-    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {"train", "consolidate", "convert_hf", "all"}
+    assert planned(repo, "--configfile", "mine.yaml", "lr.yaml") == {
+        "train",
+        "consolidate",
+        "convert_hf",
+        "report",
+        "all",
+    }
 
 
 def start(repo: Path, *args: str) -> subprocess.Popen:

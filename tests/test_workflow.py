@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -85,6 +86,14 @@ def test_whole_pipeline_produces_a_loadable_model_that_learned(finished_run):
     for stage in ("tokenize", "pack", "train", "consolidate", "convert_hf"):
         assert (out / "logs" / f"{stage}.log").stat().st_size > 0, stage
     assert "smoke test: 'Once upon' ->" in (out / "logs" / "convert_hf.log").read_text()
+    # The report: a figure per aspect (readable: not blank) and a summary with the run's numbers.
+    import matplotlib.image
+
+    for figure in ("loss", "optimization", "throughput", "data"):
+        pixels = matplotlib.image.imread(out / "report" / f"{figure}.png")
+        assert pixels.shape[1] > 1000 and np.std(pixels[..., :3]) > 0.05, figure
+    report = (out / "report" / "summary.md").read_text()
+    assert f"{summary['final_eval_loss']:.4f} after 12 steps" in report and str(out / "hf_model") in report
 
 
 def test_a_finished_run_plans_nothing(finished_run):
@@ -96,20 +105,20 @@ def test_changing_lr_reruns_training_onward_only(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"train", "consolidate", "convert_hf", "all"}
+    assert jobs == {"train", "consolidate", "convert_hf", "report", "all"}
 
 
 def test_changing_max_seq_len_reruns_packing_onward(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "max_seq_len": 64}, "seq.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"pack", "train", "consolidate", "convert_hf", "all"}
+    assert jobs == {"pack", "train", "consolidate", "convert_hf", "report", "all"}
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "export": {"smoke_test": False}}, "export.yaml")
-    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"convert_hf", "all"}
+    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"convert_hf", "report", "all"}
 
 
 @pytest.mark.parametrize(
