@@ -12,6 +12,7 @@ from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
+from vectorlm.tracking import check_backends
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.
 EXAMPLE_MODEL = "resources/tiny-llama"
@@ -21,6 +22,7 @@ EXAMPLE_CORPUS = f"{workflow.basedir}/examples/tiny/corpus.jsonl"
 # built, and so are the input paths: a mistake fails before any job starts.
 CFG = Config.from_dict(config)
 check_inputs(CFG, model_will_be_built=CFG.model == EXAMPLE_MODEL)
+check_backends(CFG.train.report_to)
 # Jobs read settings that are not in their params (OPERATIONAL_KEYS) from the config, with defaults filled in.
 config.update(CFG.to_dict())
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from vectorlm.config import flatten
+from vectorlm.tracking import read_metrics
+
 SKIPPED_KEYS = {"output_dir", "packed"}  # they differ between any two runs and say nothing about them
 
 
@@ -25,7 +28,7 @@ def read_run(path: Path) -> dict[str, Any]:
     metrics = path / "train" / "metrics.jsonl"
     if not metrics.is_file():
         raise SystemExit(f"{path}: no train/metrics.jsonl (is it a run's output_dir, and has training started?)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics)
     settings: dict[str, Any] = {}
     for source in (path / "packed" / "vectorlm_config.yaml", path / "train" / "job.yaml"):
         if source.is_file():
@@ -36,18 +39,8 @@ def read_run(path: Path) -> dict[str, Any]:
         "steps": [r for r in records if "loss" in r],
         "evals": [r for r in records if "eval_loss" in r],
         "summary": json.loads(summary.read_text()) if summary.is_file() else None,
-        "settings": {k: v for k, v in _flatten(settings).items() if k not in SKIPPED_KEYS},
+        "settings": {k: v for k, v in flatten(settings).items() if k not in SKIPPED_KEYS},
     }
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def differing_keys(runs: list[dict[str, Any]]) -> list[str]:

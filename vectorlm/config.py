@@ -99,6 +99,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     log_every: int = 1
+    report_to: tuple[str, ...] = ()
     defer_gradient_sync: bool = False
     max_nonfinite_steps: int = 5
     async_checkpoint: bool = True
@@ -107,6 +108,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "report_to", tuple(self.report_to))
+        unknown = set(self.report_to) - {"tensorboard", "wandb", "mlflow"}
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown backend(s) {sorted(unknown)}; choose from tensorboard, wandb, "
+                              "mlflow")  # fmt: skip
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -334,7 +340,7 @@ def parse_size(text: str, *, key: str) -> int:
 OPERATIONAL_KEYS = {
     "data": ("tokenize_batch_size",),
     "train": ("checkpoint_every", "keep_checkpoints", "async_checkpoint", "collective_timeout_minutes",
-              "checkpoint_timeout_minutes", "max_nonfinite_steps"),
+              "checkpoint_timeout_minutes", "max_nonfinite_steps", "report_to"),
 }  # fmt: skip
 
 
@@ -352,9 +358,14 @@ def write_stage_config(directory: str | Path, settings: dict[str, Any], *, upstr
     ``settings`` are the keys this stage used; those recorded beside its ``upstream`` artifact are merged in first, so
     the file beside the final model holds everything that produced it.
     """
-    resolved = _merge(read_stage_config(upstream) if upstream is not None else {}, to_plain(settings))
+    resolved = resolved_config(settings, upstream=upstream)
     Path(directory, STAGE_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     return resolved
+
+
+def resolved_config(settings: dict[str, Any], *, upstream: str | Path | None = None) -> dict[str, Any]:
+    """``settings`` merged over the configuration recorded beside the ``upstream`` artifact."""
+    return _merge(read_stage_config(upstream) if upstream is not None else {}, to_plain(settings))
 
 
 def read_stage_config(directory: str | Path) -> dict[str, Any]:
@@ -368,3 +379,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = _merge(merged[key], value) if both_dicts else value
     return merged
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,14 +1,12 @@
-"""Throughput, model FLOPs utilisation (MFU) and the metrics file."""
+"""Throughput and model FLOPs utilisation (MFU) of training steps."""
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,25 +143,3 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``path`` (rank 0 only); ``fresh`` starts the file anew."""
-
-    def __init__(self, path: str | Path, *, enabled: bool, fresh: bool = False) -> None:
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                self.path.unlink(missing_ok=True)
-
-    def truncate_after(self, step: int) -> None:
-        """Drops records of steps after ``step``: a resumed run redoes them, and each step is kept once."""
-        if self.enabled and self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            self.path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vectorlm.tracking import read_metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def write_report(*, summary: Path, tokenized: Path, packed: Path, model: Path, o
     from vectorlm.data.arrow import list_lengths
 
     output.mkdir(parents=True, exist_ok=True)
-    records = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(summary.parent / "metrics.jsonl")
     steps, evals = [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
     plot_training(steps, evals, output)
     stats = json.loads((packed / "stats.json").read_text())

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Settings that say how long to train, how often to look or how to run, not what training computes.
 SCHEDULE_ONLY = {"max_steps", "num_epochs", "eval_every", "eval_max_batches", "log_every", "checkpoint_every",
                  "keep_checkpoints", "max_nonfinite_steps", "async_checkpoint", "collective_timeout_minutes",
-                 "checkpoint_timeout_minutes"}  # fmt: skip
+                 "checkpoint_timeout_minutes", "report_to"}  # fmt: skip
 
 
 @dataclass(frozen=True)

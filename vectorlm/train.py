@@ -33,18 +33,19 @@ from transformers import get_scheduler
 
 from vectorlm.attention import resolve_attention
 from vectorlm.checkpoint import Checkpointer, checkpoint_dir, checkpoints_root, load_checkpoint
-from vectorlm.config import ConfigError, LoraSettings, TrainConfig, to_plain
+from vectorlm.config import ConfigError, LoraSettings, TrainConfig, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
 from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distributed
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import format_duration, setup_logging
-from vectorlm.metrics import MetricsLog, StepMeter, peak_flops, peak_memory_mb, training_flops
+from vectorlm.metrics import StepMeter, peak_flops, peak_memory_mb, training_flops
 from vectorlm.model import build_model, count_parameters
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from vectorlm.resume import StartPlan, plan_start, run_fingerprint
 from vectorlm.step import build_optimizer, evaluate, to_device, train_step
+from vectorlm.tracking import MetricsLog, Trackers, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Trainer:
     def restore(self, plan: StartPlan) -> int:
         """Loads the planned checkpoint; returns the last step it covers (0 for a fresh start)."""
         if plan.action == "fresh":
-            self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main, fresh=True)
+            self.open_records(None)
             return 0
         state = plan.state
         same_world = state["world_size"] == self.env.world_size
@@ -153,13 +154,24 @@ class Trainer:
                 self.scheduler.step()
         self.eval_losses = {int(k): v for k, v in state["eval_losses"].items()}
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main)
-        self.metrics.truncate_after(state["step"])
+        self.open_records(state)
         log.info("resumed from %s: step %d, epoch %d, row %d, loaded in %.2f s%s", plan.checkpoint, state["step"],
                  state["data"]["epoch"], state["data"]["offset"], seconds,
                  "" if same_world else f" (world size {state['world_size']} -> {self.env.world_size}: data position "
                  "kept, random number generators not restored)")  # fmt: skip
         return state["step"]
+
+    def open_records(self, state: dict[str, Any] | None) -> None:
+        """The metrics file and, on the main rank, the trackers of ``train.report_to``, continuing the tracked runs
+        of the checkpoint's ``state`` (None: a fresh start)."""
+        self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main, fresh=state is None)
+        self.trackers = None
+        if self.env.is_main and self.cfg.report_to:
+            config = resolved_config({"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed)
+            self.trackers = Trackers(self.cfg.report_to, output_dir=self.job.output_dir, config=config,
+                                     run_ids=(state or {}).get("tracking", {}),
+                                     earlier=read_metrics(self.job.metrics_path) if state else [])  # fmt: skip
+            self.metrics.sinks.append(self.trackers.log)
 
     def evaluate(self, step: int) -> None:
         with self.meter.paused():
@@ -181,7 +193,8 @@ class Trainer:
                             loss_scale=env.world_size / max(loss_tokens, 1), cfg=self.cfg)  # fmt: skip
         self.meter.add(output, tokens=tokens, sum_squared_lengths=squared)
         if step % self.cfg.log_every == 0 or step == self.max_steps:
-            record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch}
+            record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch,
+                      "peak_memory_mb": peak_memory_mb(env.device)}  # fmt: skip
             record["skipped_steps"] += self.skipped_steps
             self.throughput.append(record["tokens_per_second"])
             log.info(_format(record, self.max_steps, eta=self.time_left(step)))
@@ -203,6 +216,7 @@ class Trainer:
             "train": to_plain(self.cfg),
             "eval_losses": dict(self.eval_losses),
             "skipped_steps": self.total_skipped_steps(),
+            "tracking": self.trackers.run_ids if self.trackers else {},
             "summary": self.summary(step) if final else None,
         }
         path = checkpoint_dir(self.job.output_dir, step)
@@ -248,6 +262,7 @@ class Trainer:
 
     def fit(self, first_step: int, stop: StopRequest) -> bool:
         """Trains from ``first_step`` to the end; returns False when stopped early by a signal."""
+        outcome = "failed"
         try:
             if first_step == 1:
                 self.evaluate(0)
@@ -259,6 +274,7 @@ class Trainer:
                     self.evaluate(step)
                 if step == self.max_steps:
                     self.save(step, final=True, wait=True)
+                    outcome = "finished"
                     return True
                 stopping = stop.agreed(self.env.cpu_group)
                 if stopping or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
@@ -267,11 +283,14 @@ class Trainer:
                     log.warning("received %s: saved a checkpoint at step %d; exiting with status %d, rerun to "
                                 "continue", stop.signal_name or "a stop signal on another rank", step,
                                 PREEMPTED_EXIT_CODE)  # fmt: skip
+                    outcome = "stopped"
                     return False
             raise AssertionError("unreachable: the loop returns at max_steps")
         finally:  # on an error, possibly on this rank alone, no collective: only this rank's save is finished
             self.prefetcher.close()
             self.checkpointer.close(agree=sys.exc_info()[0] is None)
+            if self.trackers:
+                self.trackers.close(outcome)
 
 
 def run(job: TrainJob) -> int:
