@@ -10,6 +10,10 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
+# The description on the first page of `snakemake --report report.html`.
+report: "rules/captions/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/example.smk"
 include: "rules/data.smk"
@@ -23,7 +27,7 @@ rule all:
     default_target: True
     input:
         rules.convert_hf.output.model,
-        rules.report.output.report,
+        rules.report.output,
 
 
 onsuccess:

@@ -96,6 +96,57 @@ def test_whole_pipeline_produces_a_loadable_model_that_learned(finished_run):
     assert f"{summary['final_eval_loss']:.4f} after 12 steps" in report and str(out / "hf_model") in report
 
 
+def drawn_fraction(png: bytes) -> float:
+    """The share of a screenshot's pixels that differ from its most common colour (the background)."""
+    import io
+
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3] * 255).astype(np.uint8)
+    flat = pixels.reshape(-1, 3)
+    colours, counts = np.unique(flat, axis=0, return_counts=True)
+    return float(np.any(flat != colours[counts.argmax()], axis=1).mean())
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_snakemake_report_shows_every_figure_in_a_browser(finished_run, tmp_path):
+    """`snakemake --report report.html` as a person sees it, in headless Chromium: the stages' categories, each
+    figure drawn at its full size with its caption, and the summary."""
+    from playwright.sync_api import sync_playwright
+
+    workdir, config = finished_run
+    result = snakemake(workdir, f"--configfile={config}", "--report", str(tmp_path / "report.html"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = {"train": {"loss": "loss", "learning rate and gradient norm": "optimization",
+                         "throughput and MFU": "throughput"},
+               "tokenize and pack": {"document lengths and packing fill": "data"}}  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto((tmp_path / "report.html").as_uri())
+        assert "Fine-tuning run results/tiny-test" in page.inner_text("body")
+        first = page.screenshot(path=tmp_path / "report.png")
+        assert drawn_fraction(first) > 0.05, "the report's first page is blank"
+        for category, labels in figures.items():
+            for label, name in labels.items():
+                page.goto((tmp_path / "report.html").as_uri())  # the report's pages are not in the browser history
+                page.get_by_role("link", name=category, exact=True).click()
+                row = page.locator("tr", has_text=label)
+                row.locator("a[iconname=eye]").click()
+                image = page.locator(f"img[src*='filename={name}.png']")
+                width, height = image.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+                png = (workdir / "results" / "tiny-test" / "report" / f"{name}.png").read_bytes()
+                assert (width, height) == (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
+                assert drawn_fraction(image.screenshot()) > 0.05, f"{name}.png is blank in the report"
+                row.locator("a[iconname=information-circle]").click()
+                caption = (REPO / "rules" / "captions" / f"{name}.rst").read_text().split()[:4]
+                assert " ".join(caption) in page.inner_text("body"), name
+        page.goto((tmp_path / "report.html").as_uri())
+        page.get_by_role("link", name="summary", exact=True).click()
+        assert page.locator("tr", has_text="summary.md").count() == 1
+        browser.close()
+
+
 def test_a_finished_run_plans_nothing(finished_run):
     workdir, config = finished_run
     assert planned_jobs(snakemake(workdir, f"--configfile={config}", "-n")) == set()
