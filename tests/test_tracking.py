@@ -96,6 +96,7 @@ def wandb_runs(output_dir: Path) -> dict[str, tuple[dict[str, dict[int, float]],
                 items = {
                     item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
                 }
+                rows.setdefault(path.stem, []).append(items["_step"])
                 step = items.pop("step")  # the training step; _step numbers the rows
                 for key, value in items.items():
                     if not key.startswith("_"):
@@ -105,7 +106,7 @@ def wandb_runs(output_dir: Path) -> dict[str, tuple[dict[str, dict[int, float]],
                 updates = record.run.config.update if record.HasField("run") else record.config.update
                 config.update({item.key: json.loads(item.value_json) for item in updates})
     for run, numbers in rows.items():  # a resumed run continues the row numbers: W&B drops rows that go back
-        assert numbers == sorted(set(numbers)), f"{run}: rows {numbers}"
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), f"{run}: rows {numbers}"
     return runs
 
 
@@ -236,3 +237,58 @@ def test_a_missing_backend_fails_before_any_job(tmp_path, corpus_rows):
     assert result.returncode != 0
     assert "train.report_to asks for wandb, which is not installed" in result.stdout + result.stderr
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_resume_with_other_settings_rewrites_the_redone_steps_in_new_tracked_runs(tmp_path, tiny_model_dir,
+                                                                                     packed_dir):  # fmt: skip
+    """Killed after the checkpoint of step 3, resumed with another learning rate: steps 4 on are trained differently,
+    so the file drops the interrupted attempt's records of them and the trackers start new runs."""
+    job = TrainJob(model=str(tiny_model_dir), packed=str(packed_dir), output_dir=str(tmp_path),
+                   train=TrainConfig(**RUN, report_to=["tensorboard", "mlflow"]))  # fmt: skip
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, job=job)
+    wait_for_step(tmp_path, 5, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first_lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "train" / "metrics.jsonl") if "lr" in r}
+
+    run_training(tmp_path, tiny_model_dir, packed_dir, report_to=["tensorboard", "mlflow"], **{**RUN, "lr": 1e-3})
+    assert (
+        "their records are written anew, and trackers start new runs" in (tmp_path / "logs" / "train.log").read_text()
+    )
+    lr = expected(tmp_path)["lr"]
+    assert sorted(lr) == list(range(1, 11))
+    assert lr[3] == pytest.approx(first_lr[3]) and lr[5] != pytest.approx(first_lr[5])  # kept, then trained anew
+    ids = train_state(tmp_path)["tracking"]
+    for read in (tensorboard_runs, mlflow_runs):
+        runs = read(tmp_path)
+        assert len(runs) == 2, "the interrupted attempt's run stays as it was"
+        assert_same_series(runs[ids[read.__name__.split("_")[0]]][0], tmp_path)
+
+
+def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from vectorlm import tracking
+
+    class Broken(tracking.Backend):
+        def __init__(self, root, **_):
+            self.run_id, self.location, self.points = "broken", str(root), []
+
+        def log(self, step, values):
+            if step == 2:
+                raise OSError("disk full")
+            self.points.append(step)
+
+        def close(self, outcome):
+            pass
+
+    class Unreachable(Broken):
+        def __init__(self, root, **_):
+            raise ConnectionError("no network")
+
+    monkeypatch.setitem(tracking.BACKENDS, "tensorboard", Broken)
+    monkeypatch.setitem(tracking.BACKENDS, "wandb", Unreachable)
+    trackers = tracking.Trackers(["tensorboard", "wandb"], output_dir=tmp_path, run_ids={}, config={}, earlier=[])
+    assert list(trackers.backends) == ["tensorboard"] and "wandb: cannot track this run" in caplog.text
+    broken = trackers.backends["tensorboard"]
+    for step in (1, 2, 3):
+        trackers.log({"step": step, "loss": 1.0})
+    assert broken.points == [1] and not trackers.backends and "stopped tracking at step 2" in caplog.text

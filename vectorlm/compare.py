@@ -20,7 +20,11 @@ import yaml
 from vectorlm.config import flatten
 from vectorlm.tracking import read_metrics
 
-SKIPPED_KEYS = {"output_dir", "packed"}  # they differ between any two runs and say nothing about them
+SKIPPED_KEYS = {
+    "output_dir",
+    "packed",
+    "train.report_to",
+}  # they differ between any two runs and say nothing about them
 
 
 def read_run(path: Path) -> dict[str, Any]:

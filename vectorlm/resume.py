@@ -32,6 +32,15 @@ SCHEDULE_ONLY = {"max_steps", "num_epochs", "eval_every", "eval_max_batches", "l
                  "checkpoint_timeout_minutes", "report_to"}  # fmt: skip
 
 
+def repeats_exactly(state: dict[str, Any], *, train: dict[str, Any], world_size: int) -> bool:
+    """Whether a run resumed from the checkpoint with train state ``state`` computes the steps after it as the
+    interrupted attempt did: the same number of ranks (random number generators restored) and the same settings but
+    for those that only say how often to look or how to run (a new ``max_steps`` reshapes the schedule)."""
+    old = state.get("train", {})
+    free = SCHEDULE_ONLY - {"max_steps", "num_epochs"}
+    return state["world_size"] == world_size and all(old.get(k) == v for k, v in train.items() if k not in free)
+
+
 @dataclass(frozen=True)
 class StartPlan:
     action: str  # "fresh", "resume" or "done"

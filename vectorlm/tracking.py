@@ -40,7 +40,12 @@ PACKAGES = {"tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb"
 
 def check_backends(names: tuple[str, ...] | list[str]) -> None:
     """A ConfigError naming ``train.report_to`` and the package for each backend that is not installed."""
-    missing = [name for name in names if any(importlib.util.find_spec(m) is None for m in PACKAGES[name][0])]
+
+    def needs(name: str) -> tuple[str, ...]:
+        local = name != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI")
+        return PACKAGES[name][0] if local else PACKAGES[name][0][:1]
+
+    missing = [name for name in names if any(importlib.util.find_spec(m) is None for m in needs(name))]
     if missing:
         packages = " ".join(PACKAGES[name][1] for name in missing)
         raise ConfigError(
@@ -62,13 +67,16 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 class MetricsLog:
     """One JSON object per line in ``path``, written by the main rank only; ``fresh`` starts the file anew.
 
-    A resumed run redoes the steps after its checkpoint. Their records, written by the attempt that first reached
-    them, are kept and not written again (resumption is exact, so they hold the same losses), so every step is
-    recorded once and trackers that cannot take a point back (W&B, MLflow) agree with the file. A last line cut off
-    by a kill is dropped.
+    A resumed run redoes the steps after its checkpoint. When it computes them as the interrupted attempt did (the
+    same settings and number of ranks), their records, written by the attempt that first reached them, are kept and
+    not written again, so every step is recorded once and trackers that cannot take a point back (W&B, MLflow) agree
+    with the file. Otherwise ``truncate_after`` (the checkpoint's step) drops them: they are written anew, and the
+    trackers start new runs. A last line cut off by a kill is dropped.
     """
 
-    def __init__(self, path: str | Path, *, enabled: bool, fresh: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, enabled: bool, fresh: bool = False, truncate_after: int | None = None
+    ) -> None:
         self.path, self.enabled = Path(path), enabled
         self.sinks: list[Callable[[dict[str, Any]], None]] = []
         self._written: set[tuple[int, bool]] = set()
@@ -78,11 +86,11 @@ class MetricsLog:
         if fresh:
             self.path.unlink(missing_ok=True)
         elif self.path.is_file():
-            text = self.path.read_text()
-            complete = text[: text.rfind("\n") + 1]
-            if complete != text:
-                self.path.write_text(complete)
-            self._written = {_key(record) for record in read_metrics(self.path)}
+            records = read_metrics(self.path)
+            if truncate_after is not None:
+                records = [record for record in records if record["step"] <= truncate_after]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in records))
+            self._written = {_key(record) for record in records}
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends ``record`` and passes it to the sinks, unless a record of its step and kind is already there."""
@@ -97,6 +105,8 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics file (a last line still being written, or cut off by a kill, is left out)."""
+    if not Path(path).is_file():
+        return []
     text = Path(path).read_text()
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
 
@@ -116,6 +126,11 @@ class Backend:
     def log(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
 
+    def log_many(self, records: list[dict[str, Any]]) -> None:
+        """The records of earlier attempts, sent to a new run."""
+        for record in records:
+            self.log(record["step"], scalars(record))
+
     def close(self, outcome: str) -> None:
         raise NotImplementedError
 
@@ -133,8 +148,12 @@ class TensorBoard(Backend):
         self.location = self.writer.log_dir
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+        self.log_many([{"step": step, **values}])
+
+    def log_many(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            for key, value in scalars(record).items():
+                self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()  # a killed job keeps what it logged, as the metrics file does
 
     def close(self, outcome: str) -> None:
@@ -174,7 +193,7 @@ class Wandb(Backend):
     def close(self, outcome: str) -> None:
         if outcome == "stopped":
             self.run.mark_preempting()  # shown as preempted until the resumed job continues it
-        self.run.finish(exit_code=1 if outcome == "failed" else 0)
+        self.run.finish(exit_code={"finished": 0, "stopped": 75, "failed": 1}[outcome])
 
 
 class Mlflow(Backend):
@@ -196,15 +215,18 @@ class Mlflow(Backend):
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id, self.location = run_id, self.uri
-        # A remote tracking server is not waited on by the training loop; the local store is written at once.
-        self.synchronous = self.uri.startswith(("sqlite:", "file:"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        self.log_many([{"step": step, **values}])
+
+    def log_many(self, records: list[dict[str, Any]]) -> None:
+        # Synchronous: MLflow's asynchronous logging drops what fails (a server away) or is queued when killed.
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=self.synchronous)
+        metrics = [Metric(k, v, now, r["step"]) for r in records for k, v in scalars(r).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def close(self, outcome: str) -> None:
         status = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}[outcome]
@@ -228,26 +250,42 @@ class Trackers:
     def __init__(self, names, *, output_dir: str | Path, run_ids: dict[str, str], config: dict[str, Any],
                  earlier: list[dict[str, Any]]) -> None:  # fmt: skip
         root, name = Path(output_dir) / "tracking", Path(output_dir).resolve().name
-        self.backends = {}
+        self.backends: dict[str, Backend] = {}
         for backend in names:
             run_id = run_ids.get(backend)
-            tracker = BACKENDS[backend](root, run_id=run_id, sent=len(earlier) if run_id else 0, name=name,
-                                        config=config)  # fmt: skip
+            try:
+                try:
+                    tracker = BACKENDS[backend](root, run_id=run_id, sent=len(earlier) if run_id else 0, name=name,
+                                                config=config)  # fmt: skip
+                except Exception as error:
+                    if run_id is None:
+                        raise
+                    log.warning("%s: cannot continue run %s (%s); starting a new one", backend, run_id, error)
+                    run_id, tracker = None, BACKENDS[backend](root, run_id=None, sent=0, name=name, config=config)
+                log.info("%s: %s run %s at %s", backend, "continuing" if run_id else "new", tracker.run_id,
+                         tracker.location)  # fmt: skip
+                if run_id is None:
+                    tracker.log_many(earlier)
+            except Exception as error:  # noqa: BLE001 (training goes on without it, as below)
+                log.error("%s: cannot track this run, training continues without it: %s", backend, error)
+                continue
             self.backends[backend] = tracker
-            log.info("%s: %s run %s at %s", backend, "continuing" if run_id else "new", tracker.run_id,
-                     tracker.location)  # fmt: skip
-            if run_id is None:
-                for record in earlier:
-                    tracker.log(record["step"], scalars(record))
 
     @property
     def run_ids(self) -> dict[str, str]:
         return {name: tracker.run_id for name, tracker in self.backends.items()}
 
     def log(self, record: dict[str, Any]) -> None:
+        """Sends ``record`` to every backend; one that fails is dropped with an error in the log: a tracker (a full
+        disk, a server away) must not stop a training run."""
         values = scalars(record)
-        for tracker in self.backends.values():
-            tracker.log(record["step"], values)
+        for name, tracker in list(self.backends.items()):
+            try:
+                tracker.log(record["step"], values)
+            except Exception as error:  # noqa: BLE001
+                log.error("%s: stopped tracking at step %d, training continues without it: %s", name, record["step"],
+                          error)  # fmt: skip
+                del self.backends[name]
 
     def close(self, outcome: str) -> None:
         """Ends the tracked runs: ``outcome`` is finished, stopped (by a signal, to be resumed) or failed."""

@@ -43,7 +43,7 @@ from vectorlm.log import format_duration, setup_logging
 from vectorlm.metrics import StepMeter, peak_flops, peak_memory_mb, training_flops
 from vectorlm.model import build_model, count_parameters
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
-from vectorlm.resume import StartPlan, plan_start, run_fingerprint
+from vectorlm.resume import StartPlan, plan_start, repeats_exactly, run_fingerprint
 from vectorlm.step import build_optimizer, evaluate, to_device, train_step
 from vectorlm.tracking import MetricsLog, Trackers, read_metrics
 
@@ -164,12 +164,17 @@ class Trainer:
     def open_records(self, state: dict[str, Any] | None) -> None:
         """The metrics file and, on the main rank, the trackers of ``train.report_to``, continuing the tracked runs
         of the checkpoint's ``state`` (None: a fresh start)."""
-        self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main, fresh=state is None)
+        exact = state is None or repeats_exactly(state, train=to_plain(self.cfg), world_size=self.env.world_size)
+        if not exact:
+            log.info("the steps after %d are computed differently from the interrupted attempt (other settings or "
+                     "ranks): their records are written anew, and trackers start new runs", state["step"])  # fmt: skip
+        self.metrics = MetricsLog(self.job.metrics_path, enabled=self.env.is_main, fresh=state is None,
+                                  truncate_after=None if exact else state["step"])  # fmt: skip
         self.trackers = None
         if self.env.is_main and self.cfg.report_to:
             config = resolved_config({"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed)
             self.trackers = Trackers(self.cfg.report_to, output_dir=self.job.output_dir, config=config,
-                                     run_ids=(state or {}).get("tracking", {}),
+                                     run_ids=state.get("tracking", {}) if state and exact else {},
                                      earlier=read_metrics(self.job.metrics_path) if state else [])  # fmt: skip
             self.metrics.sinks.append(self.trackers.log)
 
