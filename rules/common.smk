@@ -6,6 +6,7 @@ dry runs included.
 """
 
 import json
+import re
 from pathlib import Path
 
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
@@ -69,23 +70,47 @@ def out(path):
     return f"{CFG.output_dir}/{path}"
 
 
-def data_paths():
-    """{role: path} of the experiment's data files."""
-    paths = {"train": CFG.data.train}
-    if CFG.data.eval is not None:
+# The sources of data.train by name: (config key, settings); each is tokenized by a job of its own.
+SOURCES = {
+    source.name: (key, source)
+    for (key, _), source in zip(CFG.data.paths.items(), CFG.data.sources)
+}
+FIRST_SOURCE = next(iter(SOURCES))
+
+
+def source_paths(name):
+    """{role: path} of the files the tokenize job of source ``name`` reads: data.eval goes with the first source."""
+    paths = {"train": SOURCES[name][1].data.train}
+    if CFG.data.eval is not None and name == FIRST_SOURCE:
         paths["eval"] = CFG.data.eval
     return paths
 
 
-def get_data_files(wildcards):
-    return {role: ancient(path) for role, path in data_paths().items()}
+def get_source_files(wildcards):
+    return {
+        role: ancient(path) for role, path in source_paths(wildcards.source).items()
+    }
 
 
-def get_data_params():
-    """What tokenize uses of data.*: packing and chunk_overlap belong to pack, so they do not re-tokenize."""
-    data = without_operational("data", to_plain(CFG.data))
+def get_source_params(wildcards):
+    """What tokenize uses of data.* for one source: packing, chunk_overlap and the weights belong to pack, so they
+    do not re-tokenize."""
+    _, source = SOURCES[wildcards.source]
+    data = without_operational("data", to_plain(source.data))
     del data["packing"], data["chunk_overlap"]
-    return data
+    data["eval"] = source_paths(wildcards.source).get("eval")
+    return {"data": data, "hold_out": CFG.data.eval is None}
+
+
+def get_source_fingerprint(wildcards):
+    return fingerprint(
+        "tokenize.py", data=source_paths(wildcards.source), model=["files"]
+    )
+
+
+def get_pack_params():
+    """What pack records and uses of data.*: the sources with their weights, packing, chunk_overlap, split_seed."""
+    return without_operational("data", to_plain(CFG.data))
 
 
 def get_train_params():

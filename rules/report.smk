@@ -3,7 +3,7 @@ rule report:
     report.html` shows them with captions, grouped by stage (captions/)."""
     input:
         summary=rules.train.output.summary,
-        tokenized=rules.tokenize.output.tokenized,
+        tokenized=rules.pack.input.tokenized,
         packed=rules.pack.output.packed,
         model=rules.convert_hf.output.model,
     output:

@@ -178,9 +178,9 @@ def test_the_same_command_continues_after_any_interruption(repo):
     the same command (after --unlock for the hard kill) finishes the run, and no scratch files stay behind."""
     (repo / "again.yaml").write_text(yaml.safe_dump({**MINE, "output_dir": "results/again"}))
     out = repo / "results" / "again"
-    scratch = out / ".tokenized.partial"
+    scratch = out / "tokenized" / ".corpus.partial"
 
-    process = start(repo, "--configfile=again.yaml", "tokenize")
+    process = start(repo, "--configfile=again.yaml", "results/again/tokenized/corpus")  # the rule of one source
     wait_for(lambda: any(scratch.glob("*.arrow")), process, "tokenize scratch files")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -195,6 +195,32 @@ def test_the_same_command_continues_after_any_interruption(repo):
 
     result = snakemake(repo, "--configfile=again.yaml", "pack")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert (out / "tokenized" / "stats.json").is_file() and (out / "packed" / "stats.json").is_file()
+    assert (out / "tokenized" / "corpus" / "stats.json").is_file() and (out / "packed" / "stats.json").is_file()
     assert not scratch.exists() and not (out / ".packed.partial").exists()
     assert planned(repo, "--configfile=again.yaml", "pack") == set()
+
+
+def test_a_mixture_is_tokenized_per_source_and_weighted_in_pack(repo, corpus_rows):
+    """Three sources, weights 0.6/0.3/0.1: a tokenize job each, the realised shares of training tokens within a
+    percentage point of the weights; a new weight repacks, and tokenizes nothing."""
+    rows = corpus_rows * 2
+    for name, part in (("web", rows[:500]), ("books", rows[500:700]), ("code", rows[700:760])):
+        write_jsonl(repo / "data" / f"{name}.jsonl", part)
+    weights = {"web": 0.6, "books": 0.3, "code": 0.1}
+    sources = [{"path": f"data/{name}.jsonl", "weight": weight} for name, weight in weights.items()]
+    mixed = {**MINE, "output_dir": "results/mixed", "data": {"train": sources, "eval_fraction": 0.05}}
+    (repo / "mixed.yaml").write_text(yaml.safe_dump(mixed))
+    result = snakemake(repo, "--configfile=mixed.yaml", "pack")
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    assert result.stderr.count("rule tokenize:") == 3
+    stats = json.loads((repo / "results" / "mixed" / "packed" / "stats.json").read_text())
+    for name, weight in weights.items():
+        assert stats["sources"][name]["share"] == pytest.approx(weight, abs=0.01), stats["sources"]
+    assert stats["sources"]["code"]["times_repeated"] > 1 > stats["sources"]["web"]["times_repeated"]
+    assert {p.name for p in (repo / "results" / "mixed" / "tokenized").iterdir()} == set(weights)
+    resolved = yaml.safe_load((repo / "results" / "mixed" / "packed" / "vectorlm_config.yaml").read_text())
+    assert resolved["data"]["train"] == sources  # the mixture as written, reloadable
+
+    sources[2]["weight"] = 0.2
+    (repo / "mixed.yaml").write_text(yaml.safe_dump(mixed))
+    assert planned(repo, "--configfile=mixed.yaml") == EVERYTHING - {"tokenize"}

@@ -25,9 +25,32 @@ class ConfigError(ValueError):
     """A user mistake in the experiment configuration."""
 
 
+# The settings of what a source's rows hold; a mixture source that sets any of them replaces data.*'s.
+SOURCE_FIELDS = (
+    "split",
+    "text_field",
+    "prompt_field",
+    "response_field",
+    "messages_field",
+    "chat_template",
+    "separator",
+)
+INSTRUCTION_FIELDS = ("prompt_field", "response_field", "messages_field", "chat_template", "separator")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of the training data: its ``name`` (unique, used in paths and statistics), its ``weight`` in the
+    mixture and ``data``, the data settings it is tokenized with (``data.train`` is its path)."""
+
+    name: str
+    weight: float
+    data: DataConfig
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    train: str
+    train: str | tuple[dict[str, Any], ...]
     eval: str | None = None
     eval_fraction: float = 0.05
     split: str | None = None
@@ -43,6 +66,9 @@ class DataConfig:
     tokenize_batch_size: int = 1000
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train, str):
+            object.__setattr__(self, "train", tuple(dict(source) for source in self.train))
+            self.sources  # noqa: B018 (checks every source's settings now)
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if (self.prompt_field is None) != (self.response_field is None):
@@ -54,6 +80,44 @@ class DataConfig:
             raise ConfigError(f"choose one kind of instruction data; got {' and '.join(chosen)}")
         if self.chat_template is not None and self.messages_field is None:
             raise ConfigError("data.chat_template renders chat rows: it needs data.messages_field")
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """The training sources: one for a single ``data.train`` path, else one per entry of the list."""
+        if isinstance(self.train, str):
+            return [DataSource(_source_name(self.train, RESERVED_NAMES), 1.0, self)]
+        sources, names = [], set()
+        for index, entry in enumerate(self.train):
+            path = entry["path"]
+            name = entry.get("name") or _source_name(path, names | RESERVED_NAMES)
+            if name in names | RESERVED_NAMES:
+                taken = "is reserved (tokenized/ held the splits so)" if name in RESERVED_NAMES else "is already taken"
+                raise ConfigError(f"data.train[{index}]: the name {name!r} {taken}; choose another")
+            names.add(name)
+            settings = dataclasses.asdict(self) | {"train": path, "eval": None}
+            if any(entry.get(key) is not None for key in INSTRUCTION_FIELDS):
+                settings.update(dict.fromkeys(INSTRUCTION_FIELDS))  # the source says what its rows hold
+            settings.update({key: entry[key] for key in SOURCE_FIELDS if key in entry})
+            try:
+                data = DataConfig(**settings)
+            except ConfigError as error:
+                raise ConfigError(f"data.train[{index}] ({path}): {error}") from None
+            sources.append(DataSource(name, float(entry.get("weight", 1)), data))
+        kinds = {"text" if source.data.mode == "text" else "instruction" for source in sources}
+        if len(kinds) > 1:
+            described = ", ".join(f"{source.name} ({source.data.mode})" for source in sources)
+            raise ConfigError(f"data.train: the sources of a mixture must all be text or all instruction or chat data "
+                              f"(a loss on every token or on some); got {described}")  # fmt: skip
+        return sources
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """{config key: path} of every data file: each training source (in order) and the eval file."""
+        paths = {"data.train": self.train} if isinstance(self.train, str) else {
+            f"data.train[{i}]": entry["path"] for i, entry in enumerate(self.train)}  # fmt: skip
+        if self.eval is not None:
+            paths["data.eval"] = self.eval
+        return paths
 
     @property
     def mode(self) -> str:
@@ -72,6 +136,19 @@ class DataConfig:
         if self.mode == "prompt_response":
             return {self.prompt_field: "data.prompt_field", self.response_field: "data.response_field"}
         return {self.text_field: "data.text_field"}
+
+
+# Names a source cannot have: the directories of tokenize's single-source output of earlier versions.
+RESERVED_NAMES = {"train", "eval"}
+
+
+def _source_name(path: str, taken: set[str]) -> str:
+    """A name for the source at ``path``: its file name without extension, made unique among ``taken``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path.rstrip("/")).stem).lstrip("._-") or "data"
+    name, number = stem, 2
+    while name in taken:
+        name, number = f"{stem}-{number}", number + 1
+    return name
 
 
 @dataclass(frozen=True)
@@ -189,9 +266,8 @@ class Config:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        for key, path in (("model", self.model), ("output_dir", self.output_dir), ("data.train", self.data.train),
-                          ("data.eval", self.data.eval)):  # fmt: skip
-            if path is not None and ("{" in path or "}" in path):
+        for key, path in (("model", self.model), ("output_dir", self.output_dir), *self.data.paths.items()):
+            if "{" in path or "}" in path:
                 raise ConfigError(f"config key {key}: {path!r} contains {{ or }}, which Snakemake reads as a wildcard; "
                                   "choose a path without braces")  # fmt: skip
         if self.data.chunk_overlap >= self.max_seq_len // 2:
@@ -273,7 +349,8 @@ def _numbers_from_strings(values: dict[str, Any], schema: dict[str, Any]) -> dic
         if isinstance(value, dict):
             _numbers_from_strings(value, prop)
         elif isinstance(value, list) and "items" in prop:
-            values[key] = [_number(item, prop["items"]) for item in value]
+            values[key] = [_numbers_from_strings(item, prop["items"]) if isinstance(item, dict)
+                           else _number(item, prop["items"]) for item in value]  # fmt: skip
         else:
             values[key] = _number(value, prop)
     return values

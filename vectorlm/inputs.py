@@ -65,9 +65,11 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         model_will_be_built: the model directory is the output of a workflow rule (the example model), so it may not
             exist yet and its limits are checked by the stages instead.
     """
-    for key, path in (("data.train", config.data.train), ("data.eval", config.data.eval)):
-        if path is not None:
-            check_source(path, key=key, fields=config.data.fields, split=config.data.split)
+    for (key, path), source in zip(config.data.paths.items(), config.data.sources):
+        check_source(path, key=key, fields=source.data.fields, split=source.data.split)
+    if config.data.eval is not None:  # read with the first source's settings, by its tokenize job
+        first = config.data.sources[0].data
+        check_source(config.data.eval, key="data.eval", fields=first.fields, split=first.split)
     if model_will_be_built and not Path(config.model).exists():
         return
     check_model_dir(config.model)

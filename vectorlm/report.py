@@ -105,8 +105,9 @@ def plot_data(document_lengths: np.ndarray, row_lengths: np.ndarray, max_seq_len
     _save(figure, output / "data.png")
 
 
-def write_report(*, summary: Path, tokenized: Path, packed: Path, model: Path, output: Path) -> dict[str, Any]:
-    """Writes the figures and ``summary.md`` of a run into ``output``; returns the summary's numbers."""
+def write_report(*, summary: Path, tokenized: list[Path], packed: Path, model: Path, output: Path) -> dict[str, Any]:
+    """Writes the figures and ``summary.md`` of a run into ``output``; returns the summary's numbers (``tokenized``:
+    the tokenized sources)."""
     import datasets
 
     from vectorlm.data.arrow import list_lengths
@@ -117,7 +118,7 @@ def write_report(*, summary: Path, tokenized: Path, packed: Path, model: Path, o
     plot_training(steps, evals, output)
     stats = json.loads((packed / "stats.json").read_text())
     max_seq_len = stats["max_seq_len"]
-    document_lengths = list_lengths(datasets.load_from_disk(str(tokenized))["train"])
+    document_lengths = np.concatenate([list_lengths(datasets.load_from_disk(str(path))["train"]) for path in tokenized])
     row_lengths = list_lengths(datasets.load_from_disk(str(packed))["train"])
     plot_data(document_lengths, row_lengths, max_seq_len, output)
     result = json.loads(summary.read_text())

@@ -1,15 +1,20 @@
-"""Snakemake adapter: tokenize the experiment's documents (rule ``tokenize``)."""
+"""Snakemake adapter: tokenize one source of the experiment's documents (rule ``tokenize``)."""
 
 from vectorlm.config import DataConfig, operational
 from vectorlm.data.tokenize import run_tokenize
 from vectorlm.log import logged_stage
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+# The source's config key, for messages (not a param: moving a source in the list must not re-tokenize it)
+experiment = DataConfig(**sm.config["data"])
+key = dict(zip((s.name for s in experiment.sources), experiment.paths))[sm.wildcards.source]
 with logged_stage("tokenize", sm.log[0]):
     run_tokenize(
         model_dir=sm.input.model,
         # packing and chunk_overlap are pack's: defaults here
-        data=DataConfig(**sm.params.data, **operational(sm.config, "data")),
+        data=DataConfig(**sm.params.source["data"], **operational(sm.config, "data")),
         output_dir=sm.output.tokenized,
         trust_remote_code=sm.params.trust_remote_code,
+        train_key=key,
+        hold_out=sm.params.source["hold_out"],
     )

@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,15 @@ def plan_packing(
     )
 
 
-def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: ColumnsWriter, digest, rows_per_batch=4096):
-    """Builds and writes the planned rows; returns the number of loss tokens."""
+def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: ColumnsWriter, digest, groups: np.ndarray,
+                 rows_per_batch=4096) -> np.ndarray:  # fmt: skip
+    """Builds and writes the planned rows; returns the number of loss tokens of each group (``groups``: the group of
+    each document)."""
     row_starts = np.searchsorted(plan.row, np.arange(plan.num_rows + 1))
     table = tokenized.data.table
     input_ids = ListColumn(table.column("input_ids"))
     loss_mask = ListColumn(table.column("loss_mask")) if "loss_mask" in table.column_names else None
-    loss_tokens = 0
+    loss_tokens = np.zeros(int(groups.max(initial=0)) + 1, dtype=np.int64)
     progress = Progress(plan.num_rows, desc="pack", unit="rows")
     for first in range(0, plan.num_rows, rows_per_batch):
         lo, hi = row_starts[first], row_starts[min(first + rows_per_batch, plan.num_rows)]
@@ -149,7 +152,8 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
         for array in batch.columns:
             digest.update(array.offsets.to_numpy().tobytes())
             digest.update(array.flatten().to_numpy().tobytes())
-        loss_tokens += int((labels != IGNORE_INDEX).sum())
+        token_groups = np.repeat(groups[docs], length)
+        loss_tokens += np.bincount(token_groups[labels != IGNORE_INDEX], minlength=len(loss_tokens))
         progress.update(len(row_lengths))
     progress.close()
     return loss_tokens
@@ -157,39 +161,70 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
 
 def instruction_losses(
     tokenized: datasets.Dataset, max_seq_len: int, batch_size: int = 65536
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """For instruction documents, in one pass over their loss masks: whether any loss token survives truncation to
-    ``max_seq_len``, per document, and how many loss tokens all documents hold before anything is cut (a document's
-    first token never carries loss)."""
-    trainable, total = [], 0
+    ``max_seq_len``, and how many loss tokens each holds before anything is cut (a document's first token never
+    carries loss)."""
+    trainable, totals = [], []
     for batch in tokenized.with_format("arrow").select_columns(["loss_mask"]).iter(batch_size=batch_size):
         masks = batch["loss_mask"].combine_chunks()
         lengths = masks.value_lengths().to_numpy()
         kept = np.minimum(lengths, max_seq_len)
         flags = masks.flatten().to_numpy()
         positions = ranges(np.zeros(len(lengths), np.int64), lengths)
-        total += int(flags[positions >= 1].sum())
-        counted = np.where((positions >= 1) & (positions < np.repeat(kept, lengths)), flags, 0)
-        trainable.append(np.add.reduceat(counted, np.cumsum(lengths) - lengths) > 0 if len(counted) else kept > 0)
-    return (np.concatenate(trainable) if trainable else np.zeros(0, dtype=bool)), total
+        starts = np.cumsum(lengths) - lengths
+        targets = np.where(positions >= 1, flags, 0)
+        counted = np.where(positions < np.repeat(kept, lengths), targets, 0)
+        nonempty = lengths > 0
+        total, survive = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+        total[nonempty] = np.add.reduceat(targets, starts[nonempty]) if len(targets) else 0
+        survive[nonempty] = np.add.reduceat(counted, starts[nonempty]) if len(counted) else 0
+        trainable.append(survive > 0)
+        totals.append(total)
+    if not totals:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
+    return np.concatenate(trainable), np.concatenate(totals)
 
 
 def pack_dataset(
-    tokenized: datasets.Dataset, *, max_seq_len: int, path: Path, digest, overlap: int = 0, packing: bool = True
+    tokenized: datasets.Dataset,
+    *,
+    max_seq_len: int,
+    path: Path,
+    digest,
+    overlap: int = 0,
+    packing: bool = True,
+    groups: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    seed: int = 0,
+    names: list[str] | None = None,
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """Packed rows of ``tokenized`` written to the Arrow file ``path``, and statistics of the packing."""
+    """Packed rows of ``tokenized`` written to the Arrow file ``path``, and statistics of the packing.
+
+    With ``groups`` (the source of each document) and ``weights`` (one per source), documents are sampled so that
+    each source makes that share of the training tokens (see :func:`mixture`); the statistics then have a
+    ``sources`` list, in the order of the weights (``names``); the other statistics count the sampled documents.
+    """  # fmt: skip
     lengths = list_lengths(tokenized)
+    groups = np.zeros(len(lengths), dtype=np.int64) if groups is None else groups
     truncate = "loss_mask" in tokenized.column_names
     usable = lengths
     no_loss = np.zeros(len(lengths), dtype=bool)
-    targets = int(np.maximum(lengths - 1, 0).sum())  # text: every token but a document's first
+    targets = np.maximum(lengths - 1, 0)  # text: every token but a document's first
     if truncate:
         trainable, targets = instruction_losses(tokenized, max_seq_len)
         no_loss = ~trainable
-        usable = np.where(no_loss, 0, lengths)  # zero-length documents are dropped by the plan
+        usable = np.where(no_loss, 0, np.minimum(lengths, max_seq_len))  # zero-length documents are dropped
+    sample, tokenized_usable = np.arange(len(lengths)), usable
+    if weights is not None:
+        sample = mixture(planned_tokens(usable, max_seq_len, overlap=overlap, truncate=truncate), groups, weights,
+                         seed=seed, names=names)  # fmt: skip
+    lengths, usable, no_loss, targets = lengths[sample], usable[sample], no_loss[sample], int(targets[sample].sum())
     plan = plan_packing(usable, max_seq_len, overlap=overlap, truncate=truncate, packing=packing)
+    plan.doc = sample[plan.doc]
     writer = ColumnsWriter(path, PACKED_COLUMNS)
-    loss_tokens = _materialize(tokenized, plan, writer, digest)
+    group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
+    loss_tokens = int(group_loss_tokens.sum())
     packed = writer.finish()
     num_tokens, slots = int(plan.length.sum()), plan.num_rows * max_seq_len
     too_long = int((lengths > max_seq_len).sum())
@@ -208,7 +243,66 @@ def pack_dataset(
         "loss_tokens_before_packing": targets,
         "loss_tokens_lost_fraction": round(1 - loss_tokens / targets, 4) if targets else 0.0,
     }
+    if weights is not None:
+        stats["sources"] = _source_stats(plan, tokenized_usable, groups, sample, group_loss_tokens, weights)
     return packed, stats
+
+
+def planned_tokens(usable: np.ndarray, max_seq_len: int, *, overlap: int, truncate: bool) -> np.ndarray:
+    """The tokens each document will make in packed rows: its chunks' (which repeat ``overlap`` tokens) or its
+    truncation's, without the chunks too short to train on."""
+    plan = plan_packing(usable, max_seq_len, overlap=overlap, truncate=truncate, packing=False)
+    return np.bincount(plan.doc, weights=plan.length, minlength=len(usable)).astype(np.int64)
+
+
+def mixture(lengths: np.ndarray, groups: np.ndarray, weights: np.ndarray, *, seed: int,
+            names: list[str] | None = None) -> np.ndarray:  # fmt: skip
+    """The documents to train on, with repetitions, so that source ``g`` makes ``weights[g] / sum(weights)`` of the
+    tokens while the total stays that of all sources together (``lengths``: the tokens each document makes in packed
+    rows, ``groups``: its source, ``names``: the sources' names for errors).
+
+    A source with too few tokens for its share is repeated whole as often as fits, and documents drawn at random
+    (seeded per source) make up the rest; one with more is subsampled the same way. The draw stops at the document
+    that brings the source closest to its share. Documents that make no tokens are never drawn.
+    """
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    total = float(lengths.sum())
+    picked = []
+    for group, share in enumerate(shares):
+        docs = np.flatnonzero((groups == group) & (lengths > 0))
+        available = float(lengths[docs].sum())
+        if available == 0:
+            name = names[group] if names else f"number {group}"
+            raise DataError(f"mixture source {name} has no tokens to train on: every document is empty, or lost all "
+                            "its loss tokens to truncation at max_seq_len")  # fmt: skip
+        repeats, rest = divmod(share * total, available)
+        order = np.random.default_rng([seed, group]).permutation(docs)
+        cumulative = np.cumsum(lengths[order])
+        count = int(np.searchsorted(cumulative, rest))  # the first count documents stay below rest
+        if count < len(order) and cumulative[count] - rest < rest - (cumulative[count - 1] if count else 0):
+            count += 1
+        picked += [np.tile(docs, int(repeats)), order[:count]]
+    return np.concatenate(picked)
+
+
+def _source_stats(plan, lengths, groups, sample, loss_tokens, weights) -> list[dict[str, Any]]:
+    chunk_tokens = np.bincount(groups[plan.doc], weights=plan.length, minlength=len(weights))
+    available = np.bincount(groups, weights=lengths, minlength=len(weights))
+    sampled = np.bincount(groups[sample], weights=lengths[sample], minlength=len(weights))
+    total = chunk_tokens.sum()
+    return [
+        {
+            "weight": float(weights[g]),
+            "documents": int((groups == g).sum()),
+            "documents_sampled": int((groups[sample] == g).sum()),
+            "tokens": int(chunk_tokens[g]),
+            "loss_tokens": int(loss_tokens[g]),
+            "times_repeated": round(float(sampled[g] / available[g]), 4) if available[g] else 0.0,
+            "share": round(float(chunk_tokens[g] / total), 4) if total else 0.0,
+            "target_share": round(float(weights[g] / np.sum(weights)), 4),
+        }
+        for g in range(len(weights))
+    ]
 
 
 # Above this share of the loss tokens cut away by truncation, dropped documents and chunk starts, pack warns (in its log
@@ -229,19 +323,52 @@ def lost_loss_warning(split_stats: dict[str, Any], *, split: str, max_seq_len: i
     )
 
 
+# A mixture source that is repeated more than this many times is named in a warning: a model memorises what it sees
+# that often.
+REPEAT_WARNING = 10
+
+
 def run_pack(
-    *, tokenized_dir: str | Path, max_seq_len: int, output_dir: str | Path, overlap: int = 0, packing: bool = True
+    *,
+    tokenized_dir: str | Path | Sequence[str | Path],
+    max_seq_len: int,
+    output_dir: str | Path,
+    overlap: int = 0,
+    packing: bool = True,
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Packs every split of the tokenized DatasetDict into ``output_dir``; writes and returns the statistics."""
+    """Packs every split of the tokenized DatasetDict(s) into ``output_dir``; writes and returns the statistics.
+
+    With ``weights`` (one per directory), the directories are the sources of a mixture: their training documents are
+    sampled to the weights' shares of the training tokens (see :func:`mixture`, seeded by ``seed``) and
+    ``stats.json`` reports each source by its name (``names``, default the directories' names) under ``sources``.
+    Their eval splits are used whole. ``data`` (the experiment's data settings) is recorded beside the rows.
+    """  # fmt: skip
     output_dir = Path(output_dir)
-    tokenized = datasets.load_from_disk(str(tokenized_dir))
+    dirs = [tokenized_dir] if isinstance(tokenized_dir, (str, Path)) else list(tokenized_dir)
+    names = list(names) if names is not None else [Path(d).name for d in dirs]
+    parts = [datasets.load_from_disk(str(d)) for d in dirs]
+    columns = {name: tuple(part["train"].column_names) for name, part in zip(names, parts)}
+    if len(set(columns.values())) > 1:
+        raise DataError(f"the sources of a mixture must all be text or all instruction data; got {columns}")
+    mixed = weights is not None
     splits, stats = {}, {"max_seq_len": max_seq_len, "packing": packing, "chunk_overlap": overlap}
     digest = hashlib.sha256()  # hardware-accelerated: ~2x blake2b here
     with partial_dir(output_dir) as tmp:
-        for split, dataset in tokenized.items():
+        for split in parts[0]:
+            sizes = [len(part[split]) for part in parts]
+            dataset = (
+                datasets.concatenate_datasets([part[split] for part in parts]) if len(parts) > 1 else parts[0][split]
+            )
             digest.update(split.encode())
-            splits[split], stats[split] = pack_dataset(dataset, max_seq_len=max_seq_len, path=tmp / split,
-                                                       digest=digest, overlap=overlap, packing=packing)  # fmt: skip
+            splits[split], stats[split] = pack_dataset(
+                dataset, max_seq_len=max_seq_len, path=tmp / split, digest=digest, overlap=overlap, packing=packing,
+                groups=np.repeat(np.arange(len(parts)), sizes), seed=seed, names=names,
+                weights=np.asarray(weights, dtype=np.float64) if mixed and split == "train" else None,
+            )  # fmt: skip
             if stats[split]["rows"] == 0:
                 raise DataError(f"the {split} split packs into no rows: {json.dumps(stats[split])}")
             log.info("packed %s: %s", split, json.dumps(stats[split]))
@@ -249,8 +376,30 @@ def run_pack(
                 log.warning("%s", warning)
                 stats.setdefault("warnings", []).append(warning)
         datasets.DatasetDict(splits).save_to_disk(str(output_dir))
+    if mixed:  # by name, beside the splits' statistics
+        stats["sources"] = dict(zip(names, stats["train"].pop("sources")))
+        for name, part in zip(names, parts):
+            source = stats["sources"][name]
+            source["eval_documents"] = len(part["eval"])
+            log.info("source %s: %s of the training tokens (weight share %s), %.2f times its tokens", name,
+                     f"{source['share']:.1%}", f"{source['target_share']:.1%}", source["times_repeated"])  # fmt: skip
+            for warning in _mixture_warnings(name, source):
+                log.warning("%s", warning)
+                stats.setdefault("warnings", []).append(warning)
     # What a checkpoint must have been trained on to be resumed on these rows (see vectorlm.resume).
     stats["fingerprint"] = digest.hexdigest()[:32]
     (output_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_stage_config(output_dir, {"max_seq_len": max_seq_len}, upstream=tokenized_dir)
+    record = data if data is not None else {"packing": packing, "chunk_overlap": overlap}
+    write_stage_config(output_dir, {"max_seq_len": max_seq_len, "data": record}, upstream=dirs[0])
     return stats
+
+
+def _mixture_warnings(name: str, source: dict[str, Any]) -> list[str]:
+    warnings = []
+    if abs(source["share"] - source["target_share"]) > 0.01:
+        warnings.append(f"mixture source {name} makes {source['share']:.1%} of the training tokens, not "
+                        f"{source['target_share']:.1%}: its documents are too few or too long to hit its weight")  # fmt: skip
+    if source["times_repeated"] > REPEAT_WARNING:
+        warnings.append(f"mixture source {name} is repeated {source['times_repeated']:.0f} times: the model will "
+                        "memorise it; lower its weight or add data")  # fmt: skip
+    return warnings

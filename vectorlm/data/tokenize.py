@@ -223,10 +223,20 @@ def eval_rows(num_rows: int, *, fraction: float, seed: int) -> np.ndarray:
 
 
 def run_tokenize(
-    *, model_dir: str | Path, data: DataConfig, output_dir: str | Path, trust_remote_code: bool = False
+    *,
+    model_dir: str | Path,
+    data: DataConfig,
+    output_dir: str | Path,
+    trust_remote_code: bool = False,
+    train_key: str = "data.train",
+    hold_out: bool = True,
 ) -> dict[str, Any]:
     """Tokenizes ``data.train`` (and ``data.eval``, or a held-out part of train) into a DatasetDict at
-    ``output_dir``. Returns the statistics also written to ``output_dir/stats.json``."""
+    ``output_dir``. Returns the statistics also written to ``output_dir/stats.json``.
+
+    For one source of a mixture, ``train_key`` is its config key (``data.train[2]``) and ``hold_out`` False leaves its eval
+    split empty (another source's job tokenizes ``data.eval``).
+    """  # fmt: skip
     check_model_dir(model_dir)
     output_dir = Path(output_dir)
     encoder = Encoder(load_tokenizer(model_dir, trust_remote_code=trust_remote_code), data)
@@ -235,13 +245,13 @@ def run_tokenize(
     with partial_dir(output_dir) as tmp:
         writers = {split: ColumnsWriter(tmp / f"{split}.arrow", columns) for split in ("train", "eval")}
         stats: dict[str, Any] = {split: Counter() for split in writers}
-        for key, path in (("data.train", data.train), ("data.eval", data.eval)):
+        for key, path in ((train_key, data.train), ("data.eval", data.eval)):
             if path is None:
                 continue
             documents = load_documents(path, cache_dir=tmp, key=key, split=data.split, text_field=data.text_field)
             require_fields(path, documents.column_names, data.fields)
             held_out = None
-            if key == "data.train" and data.eval is None:
+            if key != "data.eval" and data.eval is None and hold_out:
                 held_out = eval_rows(len(documents), fraction=data.eval_fraction, seed=data.split_seed)
             try:
                 _encode_source(documents.select_columns(list(data.fields)), encoder, writers, stats, key=key,
@@ -253,7 +263,7 @@ def run_tokenize(
         tokenized = datasets.DatasetDict({split: writer.finish() for split, writer in writers.items()})
         seconds = time.perf_counter() - start
         for split in writers:
-            if len(tokenized[split]) == 0:
+            if len(tokenized[split]) == 0 and (split == "train" or hold_out or data.eval is not None):
                 skips = stats["train"] + stats["eval"]  # held-out rows are counted with train, where they were read
                 raise DataError(f"no {split} rows left after skipping: {_describe(skips)}")
         tokenized.save_to_disk(str(output_dir))
