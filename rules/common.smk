@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
+from vectorlm.data.cache import cache_key
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
@@ -86,31 +87,63 @@ def source_paths(name):
     return paths
 
 
+def source_settings(name):
+    """What tokenize uses of data.* for source ``name``: packing, chunk_overlap and the weights belong to pack, so
+    they do not re-tokenize. Its config key is not among them (read at run time): moving a source in the list must
+    not make it another cache entry."""
+    _, source = SOURCES[name]
+    data = without_operational("data", to_plain(source.data))
+    del data["packing"], data["chunk_overlap"]
+    data["eval"] = source_paths(name).get("eval")
+    return {"data": data, "hold_out": CFG.data.eval is None}
+
+
+def cached(path):
+    """An artifact path inside cache_dir, shared by experiments (vectorlm/data/cache.py)."""
+    return f"{CFG.cache_dir}/{path}"
+
+
 def get_source_files(wildcards):
     return {
-        role: ancient(path) for role, path in source_paths(wildcards.source).items()
+        role: ancient(path)
+        for role, path in source_paths(KEY_SOURCE[wildcards.key]).items()
     }
 
 
 def get_source_params(wildcards):
-    """What tokenize uses of data.* for one source: packing, chunk_overlap and the weights belong to pack, so they
-    do not re-tokenize."""
-    _, source = SOURCES[wildcards.source]
-    data = without_operational("data", to_plain(source.data))
-    del data["packing"], data["chunk_overlap"]
-    data["eval"] = source_paths(wildcards.source).get("eval")
-    return {"data": data, "hold_out": CFG.data.eval is None}
+    return source_settings(KEY_SOURCE[wildcards.key])
 
 
 def get_source_fingerprint(wildcards):
     return fingerprint(
-        "tokenize.py", data=source_paths(wildcards.source), model=["files"]
+        "tokenize.py", data=source_paths(KEY_SOURCE[wildcards.key]), model=["files"]
     )
 
 
 def get_pack_params():
     """What pack records and uses of data.*: the sources with their weights, packing, chunk_overlap, split_seed."""
     return without_operational("data", to_plain(CFG.data))
+
+
+# Cache keys: what tokenize makes of each source (its settings and the tokenizer), and what pack makes of them all.
+SOURCE_KEYS = {
+    name: cache_key(
+        {
+            **source_settings(name),
+            "model": CFG.model,
+            "trust_remote_code": CFG.trust_remote_code,
+        }
+    )
+    for name in SOURCES
+}
+KEY_SOURCE = {key: name for name, key in reversed(SOURCE_KEYS.items())}
+PACK_KEY = cache_key(
+    {
+        "sources": list(SOURCE_KEYS.values()),
+        "data": get_pack_params(),
+        "max_seq_len": CFG.max_seq_len,
+    }
+)
 
 
 def get_train_params():

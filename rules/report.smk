@@ -4,7 +4,7 @@ rule report:
     input:
         summary=rules.train.output.summary,
         tokenized=rules.pack.input.tokenized,
-        packed=rules.pack.output.packed,
+        packed=rules.link_data.output.packed,
         model=rules.convert_hf.output.model,
     output:
         loss=report(

@@ -1,7 +1,7 @@
 rule train:
     """FSDP2 training on resources.tasks ranks; the sharded checkpoint lands in {output_dir}/checkpoints."""
     input:
-        packed=rules.pack.output.packed,
+        packed=rules.link_data.output.packed,
         model=model_input(),
     output:
         summary=out("train/summary.json"),

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import run_training
 from tests.test_export import eval_loss
-from tests.test_resume import model_tensors, start_job, wait_for_step
+from tests.test_resume import model_tensors, start_job, wait_for_checkpoint, wait_for_step
 from vectorlm.checkpoint import SafeFileSystemReader
 from vectorlm.config import ConfigError, ExportConfig, LoraSettings, TrainConfig
 from vectorlm.export import consolidate, convert_hf
@@ -153,6 +153,7 @@ def test_killed_lora_run_resumes_exactly(lora_run, tmp_path, tiny_model_dir, pac
                    train=TrainConfig(**RUN), lora=LoraSettings(**LORA))  # fmt: skip
     process = start_job(tmp_path, tiny_model_dir, packed_dir, job=job)
     wait_for_step(tmp_path, 6, process)
+    wait_for_checkpoint(tmp_path, 4, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     resumed = run_training(tmp_path, tiny_model_dir, packed_dir, lora=LORA, **RUN)

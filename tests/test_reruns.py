@@ -30,8 +30,8 @@ MINE = {
     "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "eval_max_batches": 4},
     "export": {"smoke_test_prompt": "Once upon"},
 }
-EVERYTHING = {"tokenize", "pack", "train", "consolidate", "convert_hf", "report", "all"}
-FROM_TRAIN = EVERYTHING - {"tokenize", "pack"}  # what a change of training reruns
+EVERYTHING = {"tokenize", "pack", "link_data", "train", "consolidate", "convert_hf", "report", "all"}
+FROM_TRAIN = EVERYTHING - {"tokenize", "pack", "link_data"}  # what a change of training reruns
 
 
 def snakemake(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -176,27 +176,32 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
 def test_the_same_command_continues_after_any_interruption(repo):
     """A hard kill while tokenize writes its scratch files, then Ctrl-C as soon as pack's output appears: both times
     the same command (after --unlock for the hard kill) finishes the run, and no scratch files stay behind."""
-    (repo / "again.yaml").write_text(yaml.safe_dump({**MINE, "output_dir": "results/again"}))
-    out = repo / "results" / "again"
-    scratch = out / "tokenized" / ".corpus.partial"
+    # Another eval split than mine's: its own cache entries, so that tokenize and pack run.
+    again = {**MINE, "output_dir": "results/again", "data": {**MINE["data"], "eval_fraction": 0.03}}
+    (repo / "again.yaml").write_text(yaml.safe_dump(again))
+    out, cache = repo / "results" / "again", repo / "results" / "cache"
 
-    process = start(repo, "--configfile=again.yaml", "results/again/tokenized/corpus")  # the rule of one source
-    wait_for(lambda: any(scratch.glob("*.arrow")), process, "tokenize scratch files")
+    process = start(repo, "--configfile=again.yaml", "pack")
+    wait_for(lambda: any(cache.glob("tokenized/.*.partial/*.arrow")), process, "tokenize scratch files")
+    [scratch] = cache.glob("tokenized/.*.partial")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert scratch.is_dir()  # what a killed stage leaves
     assert snakemake(repo, "--configfile=again.yaml", "--unlock").returncode == 0
 
+    before = set(cache.glob("packed/*"))  # other experiments' entries
     process = start(repo, "--configfile=again.yaml", "pack")
-    wait_for(lambda: (out / "packed").exists(), process, "packed output")
+    wait_for(lambda: set(cache.glob("packed/*")) - before, process, "packed output")
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: Snakemake and its job
     process.wait(timeout=120)
     assert planned(repo, "--configfile=again.yaml", "pack") == {"pack"}  # it was stopped before it finished
 
     result = snakemake(repo, "--configfile=again.yaml", "pack")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert planned(repo, "--configfile=again.yaml", "link_data") == {"link_data"}  # pack's target is its cache entry
+    assert snakemake(repo, "--configfile=again.yaml", "link_data").returncode == 0
     assert (out / "tokenized" / "corpus" / "stats.json").is_file() and (out / "packed" / "stats.json").is_file()
-    assert not scratch.exists() and not (out / ".packed.partial").exists()
+    assert not scratch.exists() and not list(cache.glob("packed/.*.partial"))
     assert planned(repo, "--configfile=again.yaml", "pack") == set()
 
 
@@ -210,17 +215,45 @@ def test_a_mixture_is_tokenized_per_source_and_weighted_in_pack(repo, corpus_row
     sources = [{"path": f"data/{name}.jsonl", "weight": weight} for name, weight in weights.items()]
     mixed = {**MINE, "output_dir": "results/mixed", "data": {"train": sources, "eval_fraction": 0.05}}
     (repo / "mixed.yaml").write_text(yaml.safe_dump(mixed))
-    result = snakemake(repo, "--configfile=mixed.yaml", "pack")
+    result = snakemake(repo, "--configfile=mixed.yaml", "link_data")
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert result.stderr.count("rule tokenize:") == 3
     stats = json.loads((repo / "results" / "mixed" / "packed" / "stats.json").read_text())
     for name, weight in weights.items():
         assert stats["sources"][name]["share"] == pytest.approx(weight, abs=0.01), stats["sources"]
     assert stats["sources"]["code"]["times_repeated"] > 1 > stats["sources"]["web"]["times_repeated"]
-    assert {p.name for p in (repo / "results" / "mixed" / "tokenized").iterdir()} == set(weights)
+    assert {p.name for p in (repo / "results" / "mixed" / "tokenized").glob("[!.]*")} == set(weights)
     resolved = yaml.safe_load((repo / "results" / "mixed" / "packed" / "vectorlm_config.yaml").read_text())
     assert resolved["data"]["train"] == sources  # the mixture as written, reloadable
 
     sources[2]["weight"] = 0.2
     (repo / "mixed.yaml").write_text(yaml.safe_dump(mixed))
     assert planned(repo, "--configfile=mixed.yaml") == EVERYTHING - {"tokenize"}
+
+
+def test_experiments_with_the_same_data_settings_share_tokenization(repo):
+    """Same data, tokenizer and tokenize settings in another output_dir: no tokenize, no pack; another field or
+    another tokenizer: tokenize."""
+    rows = [json.loads(line) for line in (repo / "data" / "corpus.jsonl").read_text().splitlines()[:300]]
+    write_jsonl(repo / "data" / "two.jsonl", [{"text": r["text"], "body": r["text"].upper()} for r in rows])
+    if not (repo / "models" / "other").exists():
+        shutil.copytree(repo / "models" / "tiny", repo / "models" / "other")  # the same tokenizer, elsewhere
+
+    def experiment(name, **data):
+        config = {**MINE, "output_dir": f"results/{name}", "data": {"train": "data/two.jsonl", **data}}
+        if name == "other-tokenizer":
+            config["model"] = "models/other"
+        (repo / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        return f"--configfile={name}.yaml"
+
+    first = snakemake(repo, experiment("first"), "link_data")
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert planned(repo, experiment("second")) == FROM_TRAIN | {"link_data"}
+    assert planned(repo, experiment("body", text_field="body")) == EVERYTHING
+    assert planned(repo, experiment("other-tokenizer")) == EVERYTHING
+    second = repo / "results" / "second"
+    assert snakemake(repo, experiment("second"), "link_data").returncode == 0
+    assert (second / "packed" / "stats.json").resolve() == (
+        repo / "results" / "first" / "packed" / "stats.json"
+    ).resolve()
+    assert (second / "tokenized" / "two").resolve().parent == repo.resolve() / "results" / "cache" / "tokenized"

@@ -71,6 +71,16 @@ def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeou
     raise TimeoutError(f"no step {step} within {timeout} s")
 
 
+def wait_for_checkpoint(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a complete checkpoint of ``step`` or later exists (saves finish in the background, later on a busy
+    machine: a kill before that leaves none to resume from)."""
+    deadline = time.monotonic() + timeout
+    while not any(int(d.name.split("_")[1]) >= step and (d / "train_state.json").is_file()
+                  for d in (output_dir / "checkpoints").glob("step_*")):  # fmt: skip
+        assert process.poll() is None and time.monotonic() < deadline, f"no checkpoint of step {step} or later"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, packed_dir):
     """The uninterrupted run every interrupted one is compared with."""
@@ -94,6 +104,7 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_same_model(reference, tmp
     kill_at = random.Random().randint(5, 22)
     process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
     wait_for_step(tmp_path, kill_at, process)
+    wait_for_checkpoint(tmp_path, 4, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_log = (tmp_path / "train.log").read_text()
@@ -153,6 +164,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_used(reference, 
 def test_interrupted_run_refuses_changed_data_and_accepts_changed_lr(tmp_path, tiny_model_dir, packed_dir):
     process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
     wait_for_step(tmp_path, 5, process)
+    wait_for_checkpoint(tmp_path, 4, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     with pytest.raises(RuntimeError, match="training exited with status 1"):
@@ -250,6 +262,7 @@ def test_a_checkpoint_of_pickles_runs_no_code_on_resume_or_consolidation(referen
 def test_refusal_reaches_every_rank_before_any_work(tmp_path, tiny_model_dir, packed_dir):
     process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
     wait_for_step(tmp_path, 5, process)
+    wait_for_checkpoint(tmp_path, 4, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     with pytest.raises(RuntimeError):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_training, write_jsonl
-from tests.test_resume import start_job, wait_for_step
+from tests.test_resume import start_job, wait_for_checkpoint, wait_for_step
 from vectorlm.config import ConfigError, TrainConfig
 from vectorlm.tracking import check_backends, hyperparameters, read_metrics
 from vectorlm.train import TrainJob
@@ -170,6 +170,7 @@ def test_a_killed_run_resumes_the_same_tracked_runs_without_duplicates(tmp_path,
                    train=TrainConfig(**RUN, report_to=["tensorboard", "wandb"]))  # fmt: skip
     process = start_job(tmp_path, tiny_model_dir, packed_dir, job=job)
     wait_for_step(tmp_path, 5, process)  # past the checkpoint of step 3: at least steps 4 and 5 are trained twice
+    wait_for_checkpoint(tmp_path, 3, process)
     # The ranks stop (W&B's writer does not); once W&B has written what the metrics file holds, all is killed. What
     # W&B has not written when a job is killed outright (at most its last second) is lost: not tested here.
     subprocess.run(["pkill", "-STOP", "-g", str(process.pid), "-f", "vectorlm.train"], check=True)
@@ -247,6 +248,7 @@ def test_a_resume_with_other_settings_rewrites_the_redone_steps_in_new_tracked_r
                    train=TrainConfig(**RUN, report_to=["tensorboard", "mlflow"]))  # fmt: skip
     process = start_job(tmp_path, tiny_model_dir, packed_dir, job=job)
     wait_for_step(tmp_path, 5, process)
+    wait_for_checkpoint(tmp_path, 3, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first_lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "train" / "metrics.jsonl") if "lr" in r}

@@ -163,7 +163,7 @@ def test_changing_max_seq_len_reruns_packing_onward(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "max_seq_len": 64}, "seq.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"pack", "train", "consolidate", "convert_hf", "report", "all"}
+    assert jobs == {"pack", "link_data", "train", "consolidate", "convert_hf", "report", "all"}
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):

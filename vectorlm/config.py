@@ -264,9 +264,13 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for key, path in (("model", self.model), ("output_dir", self.output_dir), *self.data.paths.items()):
+        if self.cache_dir is None:  # beside the experiment, so that experiments side by side share it
+            object.__setattr__(self, "cache_dir", str(Path(self.output_dir).parent / "cache"))
+        paths = (("model", self.model), ("output_dir", self.output_dir), ("cache_dir", self.cache_dir))
+        for key, path in (*paths, *self.data.paths.items()):
             if "{" in path or "}" in path:
                 raise ConfigError(f"config key {key}: {path!r} contains {{ or }}, which Snakemake reads as a wildcard; "
                                   "choose a path without braces")  # fmt: skip
@@ -283,6 +287,7 @@ class Config:
             output_dir=resolved["output_dir"],
             max_seq_len=resolved["max_seq_len"],
             trust_remote_code=resolved["trust_remote_code"],
+            cache_dir=resolved["cache_dir"],
             data=DataConfig(**resolved["data"]),
             train=TrainConfig(**resolved["train"]),
             export=ExportConfig(**resolved["export"]),

@@ -5,9 +5,9 @@ from vectorlm.data.tokenize import run_tokenize
 from vectorlm.log import logged_stage
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
-# The source's config key, for messages (not a param: moving a source in the list must not re-tokenize it)
-experiment = DataConfig(**sm.config["data"])
-key = dict(zip((s.name for s in experiment.sources), experiment.paths))[sm.wildcards.source]
+# The source's config key, for messages (not a param: the same source in another experiment shares this job)
+path = sm.params.source["data"]["train"]
+key = next((k for k, p in DataConfig(**sm.config["data"]).paths.items() if p == path), "data.train")
 with logged_stage("tokenize", sm.log[0]):
     run_tokenize(
         model_dir=sm.input.model,
