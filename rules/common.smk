@@ -125,13 +125,17 @@ def get_pack_params():
     return without_operational("data", to_plain(CFG.data))
 
 
-# Cache keys: what tokenize makes of each source (its settings and the tokenizer), and what pack makes of them all.
+# Cache keys, by content: what tokenize makes of each source (its settings, the digests of its files, of the
+# tokenizer's files and of the code), and what pack makes of them all. However an experiment spells the paths, an
+# entry holds what its key says, so experiments share it safely and an edit makes a new entry.
 SOURCE_KEYS = {
     name: cache_key(
         {
             **source_settings(name),
-            "model": CFG.model,
             "trust_remote_code": CFG.trust_remote_code,
+            "digests": fingerprint(
+                "tokenize.py", data=source_paths(name), model=["files"]
+            ),
         }
     )
     for name in SOURCES
@@ -142,6 +146,7 @@ PACK_KEY = cache_key(
         "sources": list(SOURCE_KEYS.values()),
         "data": get_pack_params(),
         "max_seq_len": CFG.max_seq_len,
+        "digests": fingerprint("pack.py"),
     }
 )
 

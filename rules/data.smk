@@ -51,5 +51,6 @@ rule link_data:
     localrule: True
     params:
         sources=list(SOURCE_KEYS),
+        fingerprint=fingerprint("link_data.py"),
     script:
         "../workflow_scripts/link_data.py"

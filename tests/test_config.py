@@ -194,3 +194,11 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
 def test_paths_with_braces_name_the_key(key):
     with pytest.raises(ConfigError, match=rf"config key {key}: 'runs/{{lr}}' contains {{ or }}, which Snakemake reads"):
         Config.from_dict({**MINIMAL, key: "runs/{lr}"})
+
+
+def test_output_dir_and_cache_dir_must_not_contain_each_other():
+    """The cache is shared by experiments: an experiment inside it (or it inside one) would delete its neighbours."""
+    assert Config.from_dict({**MINIMAL, "output_dir": "results/a"}).cache_dir == "results/cache"
+    for output_dir, cache_dir in (("results/cache", None), ("results/a", "results/a/cache"), ("x/y", "x")):
+        with pytest.raises(ConfigError, match="must not contain each other"):
+            Config.from_dict({**MINIMAL, "output_dir": output_dir, "cache_dir": cache_dir})

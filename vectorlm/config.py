@@ -269,6 +269,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.cache_dir is None:  # beside the experiment, so that experiments side by side share it
             object.__setattr__(self, "cache_dir", str(Path(self.output_dir).parent / "cache"))
+        output, cache = Path(self.output_dir).resolve(), Path(self.cache_dir).resolve()
+        if output == cache or output in cache.parents or cache in output.parents:
+            raise ConfigError(f"output_dir ({self.output_dir}) and cache_dir ({self.cache_dir}, shared by experiments) "
+                              "must not contain each other: choose another output_dir, or set cache_dir")  # fmt: skip
         paths = (("model", self.model), ("output_dir", self.output_dir), ("cache_dir", self.cache_dir))
         for key, path in (*paths, *self.data.paths.items()):
             if "{" in path or "}" in path:

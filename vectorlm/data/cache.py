@@ -1,9 +1,10 @@
-"""The data cache: tokenized and packed data live under ``cache_dir`` (shared by experiments) at a key made of the
-settings that produce them, and each experiment's ``output_dir`` holds links to its entries.
+"""The data cache: tokenized and packed data live under ``cache_dir`` (shared by experiments) at a key made of what
+produces them, and each experiment's ``output_dir`` holds links to its entries.
 
-Two experiments whose data, tokenizer and tokenize settings are the same get the same key, so the second tokenizes
-nothing (and packs nothing when the pack settings match too). The contents of the files (data, tokenizer) are not in
-the key: Snakemake's params carry their digests, so an edited file reruns the job in place, for every experiment.
+A key is a digest of the settings and of the contents that make an entry (data files, tokenizer files, the stage's
+code: the digests the workflow computes anyway), so two experiments whose data, tokenizer and tokenize settings are
+the same share it however they spell its paths, and any edit makes a new entry rather than changing one that another
+experiment uses.
 """
 
 from __future__ import annotations
