@@ -20,14 +20,17 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
+include: "rules/evaluate.smk"
 
 
-# The whole pipeline: tokenize -> pack -> train -> consolidate -> convert_hf, and the run's report.
+# The whole pipeline: tokenize -> pack -> train -> consolidate -> convert_hf, the run's report, and evaluate when the
+# config has an evaluate section.
 rule all:
     default_target: True
     input:
         rules.convert_hf.output.model,
         rules.report.output,
+        get_evaluate_targets(),
 
 
 onsuccess:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
 from vectorlm.data.cache import cache_key
+from vectorlm.evaluate import check_tasks, is_local_task, task_data_files
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
@@ -25,6 +26,8 @@ EXAMPLE_CORPUS = f"{workflow.basedir}/examples/tiny/corpus.jsonl"
 CFG = Config.from_dict(config)
 check_inputs(CFG, model_will_be_built=CFG.model == EXAMPLE_MODEL)
 check_backends(CFG.train.report_to)
+if CFG.evaluate is not None:
+    check_tasks(CFG.evaluate, names_cache=".snakemake/vectorlm-lm-eval-tasks.json")
 # Jobs read settings that are not in their params (OPERATIONAL_KEYS) from the config, with defaults filled in.
 config.update(CFG.to_dict())
 
@@ -178,6 +181,54 @@ def get_convert_params():
     }
 
 
+def get_evaluate_params():
+    return without_operational("evaluate", to_plain(CFG.evaluate))
+
+
+def get_task_files():
+    """{role: path} of what the local tasks of evaluate.tasks read: each task file's folder, and data files outside it."""
+    files = {}
+    for i, task in enumerate(CFG.evaluate.tasks):
+        if is_local_task(task):
+            folder = Path(task).parent
+            files[f"evaluate.tasks[{i}]"] = str(folder)
+            outside = [
+                f for f in task_data_files(Path(task)) if folder not in f.parents
+            ]
+            files.update({f"evaluate.tasks[{i}] {f}": str(f) for f in outside})
+    return files
+
+
+def evaluate_outputs(directory, report_category=None):
+    """What an evaluation writes into {output_dir}/``directory``; the table is shown by `snakemake --report` under
+    ``report_category``."""
+    table = out(f"{directory}/results.md")
+    if report_category is not None:
+        table = report(
+            table,
+            caption="captions/evaluate.rst",
+            category=report_category,
+            labels={"file": "results.md"},
+        )
+    return {
+        "results": out(f"{directory}/results.json"),
+        "table": table,
+        "generations": out(f"{directory}/generations.jsonl"),
+    }
+
+
+def get_evaluate_inputs():
+    inputs = {"model": rules.convert_hf.output.model}
+    if CFG.evaluate.compare_base:
+        inputs["base"] = rules.evaluate_base.output.results
+    return inputs
+
+
+def get_evaluate_targets():
+    """Rule evaluate's results, which `all` asks for when the config has an evaluate section."""
+    return [rules.evaluate.output.results] if CFG.evaluate is not None else []
+
+
 def check_train_resources_now(rule):
     """The train rule's resources as set by the rule, a profile or --set-resources, checked for sense."""
     raw = {name: resource.raw for name, resource in rule.resources.items()}
@@ -194,6 +245,17 @@ def report_summary():
             f"after {summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on "
             f"{summary['world_size']} rank(s)); model: {out('hf_model')}\n"
         )
+    evaluation = Path(out("evaluate/results.json"))
+    if CFG.evaluate is not None and evaluation.is_file():
+        results = json.loads(evaluation.read_text())
+        for row in results.get("compared_to_base", []):
+            print(
+                f"vectorlm: evaluate: {row['task']} {row['metric']} {row['base']:.4f} (base) -> "
+                f"{row['trained']:.4f} (trained)"
+                if row["base"] is not None
+                else f"vectorlm: evaluate: {row['task']} {row['metric']} {row['trained']:.4f}"
+            )
+        print(f"vectorlm: evaluation: {out('evaluate/results.md')}\n")
     packed_stats = Path(out("packed/stats.json"))
     if packed_stats.is_file():
         for warning in json.loads(packed_stats.read_text()).get("warnings", []):

@@ -9,6 +9,7 @@ from vectorlm.config import (
     Config,
     ConfigError,
     DataConfig,
+    EvaluateConfig,
     ExportConfig,
     LoraSettings,
     TrainConfig,
@@ -34,7 +35,13 @@ def test_every_shipped_config_loads(path):
 
 @pytest.mark.parametrize(
     ("section", "cls"),
-    [("data", DataConfig), ("train", TrainConfig), ("export", ExportConfig), ("lora", LoraSettings)],
+    [
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("export", ExportConfig),
+        ("lora", LoraSettings),
+        ("evaluate", EvaluateConfig),
+    ],
 )
 def test_schema_defaults_equal_dataclass_defaults(section, cls):
     properties = schema()["properties"][section]["properties"]

@@ -32,6 +32,10 @@ TINY = {
         "eval_every": 6, "log_every": 1, "checkpoint_every": 3,
     },
     "export": {"smoke_test_prompt": "Once upon"},
+    "evaluate": {
+        "tasks": [str(REPO / "examples" / "tiny" / "eval" / "tiny_stories_cloze.yaml")], "limit": 100,
+        "prompts": ["Once upon a time", "Every day,"], "max_new_tokens": 8, "compare_base": True,
+    },
 }  # fmt: skip
 
 
@@ -144,6 +148,9 @@ def test_the_snakemake_report_shows_every_figure_in_a_browser(finished_run, tmp_
         page.goto((tmp_path / "report.html").as_uri())
         page.get_by_role("link", name="summary", exact=True).click()
         assert page.locator("tr", has_text="summary.md").count() == 1
+        page.goto((tmp_path / "report.html").as_uri())
+        page.get_by_role("link", name="evaluate", exact=True).click()
+        assert page.locator("tr", has_text="results.md").count() == 1
         browser.close()
 
 
@@ -156,20 +163,49 @@ def test_changing_lr_reruns_training_onward_only(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}}, "lr.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"train", "consolidate", "convert_hf", "report", "all"}
+    assert jobs == {"train", "consolidate", "convert_hf", "evaluate", "report", "all"}
 
 
 def test_changing_max_seq_len_reruns_packing_onward(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "max_seq_len": 64}, "seq.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"pack", "link_data", "train", "consolidate", "convert_hf", "report", "all"}
+    assert jobs == {"pack", "link_data", "train", "consolidate", "convert_hf", "evaluate", "report", "all"}
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "export": {"smoke_test": False}}, "export.yaml")
-    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"convert_hf", "report", "all"}
+    jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
+    assert jobs == {"convert_hf", "evaluate", "report", "all"}
+
+
+def test_the_trained_model_scores_above_the_base_model_on_the_shipped_task(finished_run):
+    workdir, _ = finished_run
+    out = workdir / "results" / "tiny-test" / "evaluate"
+    trained = json.loads((out / "results.json").read_text())["results"]["tiny_stories_cloze"]
+    base = json.loads((out / "base" / "results.json").read_text())["results"]["tiny_stories_cloze"]
+    assert trained["sample_len"] == base["sample_len"] == 100  # evaluate.limit
+    assert 0.0 <= base["acc,none"] < trained["acc,none"] <= 1.0, (base, trained)
+    compared = json.loads((out / "results.json").read_text())["compared_to_base"]
+    assert {"task": "tiny_stories_cloze", "metric": "acc,none", "base": base["acc,none"],
+            "trained": trained["acc,none"], "change": trained["acc,none"] - base["acc,none"]} in compared  # fmt: skip
+    row = f"| tiny_stories_cloze | acc,none | {base['acc,none']:.4f} | {trained['acc,none']:.4f} |"
+    assert row in (out / "results.md").read_text()
+    assert row in (workdir / "results" / "tiny-test" / "logs" / "evaluate.log").read_text()
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == ["Once upon a time", "Every day,"]
+    assert all(g["generation"].strip() for g in generations)
+
+
+def test_changing_what_is_evaluated_reruns_only_the_evaluations(finished_run):
+    workdir, _ = finished_run
+    prompts = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "prompts": ["Once"]}}, "prompts.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={prompts}", "-n")) == {"evaluate_base", "evaluate", "all"}
+    batch = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "batch_size": 2}}, "batch.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={batch}", "-n")) == set()  # how, not what
+    alone = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "compare_base": False}}, "alone.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={alone}", "-n")) == {"evaluate", "all"}
 
 
 @pytest.mark.parametrize(
@@ -244,6 +280,9 @@ BAD_INPUTS = [
     ({"output_dir": "results/{lr}"}, "config key output_dir: 'results/{lr}' contains { or }"),
     ({"model": "untokenized"}, "config key model: untokenized has no tokenizer"),
     ({"data": {"train": "array.json"}}, "array.json holds an empty JSON array: it has no rows"),
+    ({"evaluate": {"tasks": ["hellaswagg"]}}, "evaluate.tasks[0]: lm-evaluation-harness has no task 'hellaswagg' (did you mean hellaswag"),
+    ({"evaluate": {"tasks": ["no/such/task.yaml"]}}, "evaluate.tasks[0]: the task file no/such/task.yaml does not exist"),
+    ({"evaluate": {}}, "the evaluate section needs evaluate.tasks or evaluate.prompts"),
 ]  # fmt: skip
 
 

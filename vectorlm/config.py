@@ -255,6 +255,26 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    tasks: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    limit: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int | str = 8
+    apply_chat_template: bool = False
+    compare_base: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.tasks and not self.prompts:
+            raise ConfigError("the evaluate section needs evaluate.tasks or evaluate.prompts (or remove the section)")
+        if duplicates := sorted({task for task in self.tasks if self.tasks.count(task) > 1}):
+            raise ConfigError(f"evaluate.tasks lists {', '.join(duplicates)} more than once")
+
+
+@dataclass(frozen=True)
 class Config:
     model: str
     output_dir: str
@@ -263,6 +283,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    evaluate: EvaluateConfig | None = None  # the evaluate stage runs only when the config has the section
     trust_remote_code: bool = False
     cache_dir: str | None = None
 
@@ -296,6 +317,7 @@ class Config:
             train=TrainConfig(**resolved["train"]),
             export=ExportConfig(**resolved["export"]),
             lora=LoraSettings(**resolved["lora"]),
+            evaluate=EvaluateConfig(**resolved["evaluate"]) if resolved.get("evaluate") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -427,6 +449,7 @@ OPERATIONAL_KEYS = {
     "data": ("tokenize_batch_size",),
     "train": ("checkpoint_every", "keep_checkpoints", "async_checkpoint", "collective_timeout_minutes",
               "checkpoint_timeout_minutes", "max_nonfinite_steps", "report_to"),
+    "evaluate": ("batch_size",),
 }  # fmt: skip
 
 

@@ -1,10 +1,16 @@
-"""Regenerate the example corpora shipped beside this file: ``corpus.jsonl`` (text) and ``chat.jsonl`` (chat).
+"""Regenerate the example data shipped beside this file: ``corpus.jsonl`` (text), ``chat.jsonl`` (chat) and the
+evaluation task's ``eval/tiny_stories_cloze.jsonl``.
 
 The corpus is small, synthetic and license-free: short stories written from templates, with enough regularity that a
 tiny randomly initialised model visibly learns it in a few hundred steps on a laptop CPU, and enough variety in
 document length to exercise packing. ``chat.jsonl`` asks for the same kind of stories in conversations, for
 ``config/chat.yaml`` (loss on the assistant's replies only). Run ``python examples/tiny/make_corpus.py`` to rebuild
-both deterministically.
+them deterministically.
+
+``eval/tiny_stories_cloze.jsonl`` is the data of the local lm-evaluation-harness task beside it (rule ``evaluate``): new
+stories, none of them in the corpus, each cut before its last sentence, with four endings to choose from. Only the
+hero's name differs between them, and the story names its friend too, so the task measures whether a model follows
+who the story is about.
 """
 
 import json
@@ -61,7 +67,19 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
     return turns
 
 
-def main(num_docs: int = 1500, num_chats: int = 600, seed: int = 0) -> None:
+def cloze_item(rng: random.Random) -> dict:
+    """A story without its last sentence, the true ending and three with another name: the friend's when the story
+    names one, else names the story does not use."""
+    context, _, ending = story(rng).rpartition(" In the end, ")
+    hero, rest = ending.split(" ", 1)
+    named = [n for n in NAMES if n != hero and n in context.replace(".", " ").replace(",", " ").split()]
+    others = (named + rng.sample([n for n in NAMES if n != hero and n not in named], 3))[:3]
+    choices = [f"In the end, {name} {rest}" for name in (hero, *others)]
+    rng.shuffle(choices)
+    return {"context": context, "choices": choices, "label": choices.index(f"In the end, {hero} {rest}")}
+
+
+def main(num_docs: int = 1500, num_chats: int = 600, num_cloze: int = 200, seed: int = 0) -> None:
     rng = random.Random(seed)
     with Path(__file__).with_name("corpus.jsonl").open("w") as f:
         for _ in range(num_docs):
@@ -69,6 +87,16 @@ def main(num_docs: int = 1500, num_chats: int = 600, seed: int = 0) -> None:
     with Path(__file__).with_name("chat.jsonl").open("w") as f:
         for _ in range(num_chats):
             f.write(json.dumps({"messages": conversation(rng)}) + "\n")
+    corpus = set(Path(__file__).with_name("corpus.jsonl").read_text().splitlines())
+    rng = random.Random(seed + 1)  # its own stream: regenerating the task leaves the corpora as they are
+    with Path(__file__).with_name("eval").joinpath("tiny_stories_cloze.jsonl").open("w") as f:
+        written = 0
+        while written < num_cloze:
+            item = cloze_item(rng)
+            full = f"{item['context']} {item['choices'][item['label']]}"
+            if json.dumps({"text": full}) not in corpus:  # held out: none of the training stories
+                f.write(json.dumps(item) + "\n")
+                written += 1
 
 
 if __name__ == "__main__":

@@ -154,3 +154,28 @@ def test_gpu_request_path_of_the_shipped_profile(slurm_run, tmp_path):
     expected = ("0@vm:cpu(local rank 0, CUDA_VISIBLE_DEVICES=0,1), "
                 "1@vm:cpu(local rank 1, CUDA_VISIBLE_DEVICES=0,1)")  # fmt: skip
     assert expected in log.replace(os.uname().nodename, "vm")
+
+
+def test_evaluate_gets_the_profiles_gpus_in_one_process(slurm_run, tmp_path):
+    """The shipped profile's evaluate job, given 2 (fake) GPUs: one task that sees both, as a model spread over a
+    node's GPUs needs (the plugin would otherwise ask for a task per GPU)."""
+    workdir, _ = slurm_run
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["set-resources"]["evaluate"].update(gres="gpu:2", cpus_per_task=1, mem_mb=3000, runtime=10)
+    profile["default-resources"].update(mem_mb=1500, cpus_per_task=1, runtime=15)
+    profile.update({"latency-wait": 5, "slurm-init-seconds-before-status-checks": 2,
+                    "slurm-keep-successful-logs": True})  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(profile))
+    config = {**CONFIG, "evaluate": {"prompts": ["Once upon"], "max_new_tokens": 4}}
+    (workdir / "evaluate.yaml").write_text(yaml.safe_dump(config))
+    command = snakemake_command(workdir, "--profile", str(tmp_path), "--verbose", "--", "evaluate")
+    command[command.index(f"--configfile={workdir / 'config.yaml'}")] = f"--configfile={workdir / 'evaluate.yaml'}"
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    call = next(line for line in result.stdout.splitlines() + result.stderr.splitlines()
+                if line.startswith("sbatch call:") and "rule_evaluate" in line)  # fmt: skip
+    assert "--gres=gpu:2" in call and "--ntasks-per-gpu" not in call, call
+    log = (workdir / "results" / "slurm" / "logs" / "evaluate.log").read_text()
+    assert "for evaluation on cpu (CUDA_VISIBLE_DEVICES=0,1)" in log  # fake GPUs: torch finds none and uses the CPU
+    generations = (workdir / "results" / "slurm" / "evaluate" / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in generations] == ["Once upon"]
