@@ -11,7 +11,12 @@ from pathlib import Path
 
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
 from vectorlm.data.cache import cache_key
-from vectorlm.evaluate import check_tasks, is_local_task, task_data_files
+from vectorlm.evaluate import (
+    check_chat_template,
+    check_tasks,
+    is_local_task,
+    task_files,
+)
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
@@ -28,6 +33,7 @@ check_inputs(CFG, model_will_be_built=CFG.model == EXAMPLE_MODEL)
 check_backends(CFG.train.report_to)
 if CFG.evaluate is not None:
     check_tasks(CFG.evaluate, names_cache=".snakemake/vectorlm-lm-eval-tasks.json")
+    check_chat_template(CFG)
 # Jobs read settings that are not in their params (OPERATIONAL_KEYS) from the config, with defaults filled in.
 config.update(CFG.to_dict())
 
@@ -186,16 +192,14 @@ def get_evaluate_params():
 
 
 def get_task_files():
-    """{role: path} of what the local tasks of evaluate.tasks read: each task file's folder, and data files outside it."""
+    """{role: path} of every file the local tasks of evaluate.tasks read: definitions, their Python functions, data."""
     files = {}
     for i, task in enumerate(CFG.evaluate.tasks):
         if is_local_task(task):
-            folder = Path(task).parent
-            files[f"evaluate.tasks[{i}]"] = str(folder)
-            outside = [
-                f for f in task_data_files(Path(task)) if folder not in f.parents
-            ]
-            files.update({f"evaluate.tasks[{i}] {f}": str(f) for f in outside})
+            definitions, data = task_files(Path(task))
+            files.update(
+                {f"evaluate.tasks[{i}] {f}": str(f) for f in definitions + data}
+            )
     return files
 
 
@@ -246,7 +250,13 @@ def report_summary():
             f"{summary['world_size']} rank(s)); model: {out('hf_model')}\n"
         )
     evaluation = Path(out("evaluate/results.json"))
-    if CFG.evaluate is not None and evaluation.is_file():
+    model = Path(out("hf_model"))
+    fresh = evaluation.is_file() and model.exists()
+    if (
+        CFG.evaluate is not None
+        and fresh
+        and evaluation.stat().st_mtime >= model.stat().st_mtime
+    ):
         results = json.loads(evaluation.read_text())
         for row in results.get("compared_to_base", []):
             print(

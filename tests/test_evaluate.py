@@ -14,7 +14,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO
 from vectorlm.config import ConfigError, EvaluateConfig
-from vectorlm.evaluate import check_tasks, compare, evaluate_model, installed_task_names, results_table
+from vectorlm.evaluate import (
+    check_chat_template,
+    check_tasks,
+    compare,
+    evaluate_model,
+    installed_task_names,
+    results_table,
+    task_files,
+)
 
 pytest.importorskip("lm_eval")
 SHIPPED_TASK = REPO / "examples" / "tiny" / "eval" / "tiny_stories_cloze.yaml"
@@ -89,8 +97,18 @@ def test_local_tasks_are_checked_before_any_job(tmp_path):
     with pytest.raises(ConfigError, match=r"evaluate.tasks\[1\]: .*task.yaml reads .*a/items.jsonl, which does not"):
         check_tasks(EvaluateConfig(tasks=(str(SHIPPED_TASK), missing_data)), names_cache=cache)
     nameless = write_task(tmp_path / "b", "dataset_path: json\n")
-    with pytest.raises(ConfigError, match=r"evaluate.tasks\[0\]: .*task.yaml defines no `task`"):
+    with pytest.raises(ConfigError, match=r"evaluate.tasks\[0\]: .*task.yaml defines no `task` name"):
         check_tasks(EvaluateConfig(tasks=(nameless,)), names_cache=cache)
+    group = write_task(tmp_path / "g", "group: g\ntask: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"evaluate.tasks\[0\]: .*task.yaml defines a group; list the YAML files"):
+        check_tasks(EvaluateConfig(tasks=(group,)), names_cache=cache)
+    # Two entries with one name: the harness would keep only one of them and report it under that name.
+    copy = write_task(tmp_path / "d", SHIPPED_TASK.read_text(), "mine.yaml")
+    shutil.copy(SHIPPED_TASK.with_suffix(".jsonl"), tmp_path / "d")
+    with pytest.raises(
+        ConfigError, match=r"evaluate.tasks\[1\]: evaluate.tasks\[0\] is also named 'tiny_stories_cloze'"
+    ):
+        check_tasks(EvaluateConfig(tasks=(str(SHIPPED_TASK), copy)), names_cache=cache)
     # What lm-evaluation-harness's own task files use: an include (its data files count) and !function tags.
     (tmp_path / "c" / "items.jsonl").parent.mkdir()
     write_task(tmp_path / "c", "dataset_path: json\ndataset_kwargs:\n  data_files: [items.jsonl]\n", "base.yaml")
@@ -98,8 +116,24 @@ def test_local_tasks_are_checked_before_any_job(tmp_path):
     with pytest.raises(ConfigError, match=r"reads .*c/items.jsonl, which does not exist"):
         check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
     (tmp_path / "c" / "items.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"reads .*c/utils.py, which does not exist"):  # the !function's module
+        check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
+    (tmp_path / "c" / "utils.py").write_text("def process(docs):\n    return docs\n")
     check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
     assert not cache.exists()  # local tasks alone never index the installed ones
+
+
+def test_everything_a_local_task_reads_is_listed_for_its_fingerprint(tmp_path):
+    """What rule evaluate fingerprints: a change to any of these files reruns the evaluations, however it is reached."""
+    (tmp_path / "data").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "other.txt"):
+        (tmp_path / "data" / name).write_text("{}\n")
+    write_task(tmp_path / "tasks", "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: ../data/*.jsonl\n"
+                                   "    validation: [../data/other.txt]\n", "base.yaml")  # fmt: skip
+    task = Path(write_task(tmp_path / "tasks", "include: base.yaml\ntask: t\nprocess_docs: !function helpers.f\n"))
+    definitions, data = task_files(task)
+    assert definitions == [task, task.parent / "base.yaml", task.parent / "helpers.py"]
+    assert [p.resolve() for p in data] == [tmp_path / "data" / n for n in ("a.jsonl", "b.jsonl", "other.txt")]
 
 
 def test_installed_task_names_are_indexed_once_per_installed_version(tmp_path, monkeypatch):
@@ -124,6 +158,36 @@ def test_an_evaluate_section_without_the_harness_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'vectorlm-pipeline\[evaluate\]'"):
         check_tasks(EvaluateConfig(prompts=("Once",)), names_cache="unused.json")
+
+
+def test_prompts_go_through_the_chat_template_given_for_the_base_model(tiny_model_dir, tmp_path):
+    """The base model is given the template training used (data.chat_template), so both are prompted alike."""
+    template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}{% endfor %}[assistant]"
+    settings = EvaluateConfig(prompts=("a story",), max_new_tokens=5, apply_chat_template=True)
+    paths = {name: tmp_path / name for name in ("results.json", "results.md", "generations.jsonl")}
+    evaluate_model(tiny_model_dir, settings, results_path=paths["results.json"], table_path=paths["results.md"],
+                   generations_path=paths["generations.jsonl"], chat_template=template)  # fmt: skip
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    inputs = tokenizer("<s>[user] a story[assistant]", return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert json.loads(paths["generations.jsonl"].read_text())["generation"] == expected
+    assert json.loads(paths["results.json"].read_text())["vectorlm"]["chat_template"] is True
+
+
+def test_a_chat_template_is_required_before_any_job(tiny_model_dir):
+    from vectorlm.config import Config
+
+    raw = {"model": str(tiny_model_dir), "output_dir": "out", "max_seq_len": 64, "data": {"train": "x.jsonl"},
+           "evaluate": {"prompts": ["Hi"], "apply_chat_template": True}}  # fmt: skip
+    with pytest.raises(ConfigError, match="evaluate.apply_chat_template: the tokenizer of .* has no chat template"):
+        check_chat_template(Config.from_dict(raw))
+    chat = {"train": "x.jsonl", "messages_field": "messages", "chat_template": "{{ messages }}"}
+    check_chat_template(Config.from_dict({**raw, "data": chat}))
 
 
 def test_an_evaluate_section_needs_tasks_or_prompts():

@@ -9,6 +9,7 @@ beside each other; given the base model's results, the table compares them.
 from __future__ import annotations
 
 import difflib
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from vectorlm.config import ConfigError, EvaluateConfig
+from vectorlm.config import Config, ConfigError, EvaluateConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,73 +37,128 @@ class _TaskLoader(yaml.SafeLoader):
     """Reads lm-evaluation-harness YAML without running it: its tags (``!function utils.process``) become text."""
 
 
-_TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix}")
+_TaskLoader.add_multi_constructor(
+    "!", lambda loader, suffix, node: f"!{suffix} {loader.construct_scalar(node)}" if isinstance(node, yaml.ScalarNode)
+    else f"!{suffix}"
+)  # fmt: skip
 
 
-def read_task_file(path: Path) -> dict[str, Any]:
+def read_task_file(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """A local task definition with what it ``include``s merged under it (its own keys win), as lm-evaluation-harness
-    merges them."""
+    merges them, and the YAML files read."""
     config = yaml.load(path.read_text(), Loader=_TaskLoader)
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a YAML mapping")
-    if isinstance(config.get("include"), str):
-        config = {**read_task_file(path.parent / config["include"]), **config}
-    return config
+    if not isinstance(config.get("include"), str):
+        return config, [path]
+    included, files = read_task_file(path.parent / config["include"])
+    return {**included, **config}, [path, *files]
 
 
-def task_data_files(path: Path) -> list[Path]:
-    """The local files a task definition reads (``dataset_kwargs.data_files``), relative ones from its folder."""
-    files = (read_task_file(path).get("dataset_kwargs") or {}).get("data_files") or []
+def task_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """What a local task reads: its definitions (YAML, included YAML, the Python modules of its ``!function`` tags)
+    and its data (``dataset_kwargs.data_files``, relative ones from the task file's folder, globs expanded)."""
+    config, definitions = read_task_file(path)
+    functions = {value.split()[1].rsplit(".", 1)[0] for value in _strings(config) if value.startswith("!function ")}
+    definitions += [path.parent / f"{module}.py" for module in sorted(functions)]
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or []
     if isinstance(files, dict):
         files = list(files.values())
-    names = (
-        [files]
-        if isinstance(files, str)
-        else [name for entry in files for name in ([entry] if isinstance(entry, str) else entry)]
-    )
-    return [path.parent / name for name in names]  # an absolute name stays itself
+    names = [files] if isinstance(files, str) else [n for entry in files for n in ([entry] if isinstance(entry, str) else entry)]  # fmt: skip
+    data = []
+    for name in names:
+        full = path.parent / name  # an absolute name stays itself
+        data += sorted(Path(match) for match in glob.glob(str(full))) if glob.has_magic(name) else [full]
+        if glob.has_magic(name) and not glob.glob(str(full)):
+            data.append(full)  # matches nothing: reported as missing
+    return definitions, data
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def check_tasks(settings: EvaluateConfig, *, names_cache: str | Path) -> None:
-    """ConfigErrors naming ``evaluate.tasks[i]`` for what would fail in the job: lm-evaluation-harness not installed,
-    a local task file that is missing, unreadable or reads missing data, or a name the harness does not know."""
+    """ConfigErrors naming ``evaluate.tasks[i]`` for what would fail in the job or go wrong silently: the harness not
+    installed, a local task file that is missing, unreadable, a group, or reads missing files, a name the harness does
+    not know, and two entries with one task name (the harness would keep one of them)."""
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(f"the evaluate section needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
+    seen: dict[str, str] = {}
     for i, task in enumerate(settings.tasks):
         key = f"evaluate.tasks[{i}]"
-        if is_local_task(task):
-            path = Path(task)
-            if not path.is_file():
-                raise ConfigError(f"{key}: the task file {task} does not exist")
-            try:
-                config = read_task_file(path)
-            except (OSError, ValueError, yaml.YAMLError) as error:
-                raise ConfigError(f"{key}: cannot read the task file {task}: {error}") from error
-            if not config.get("task") and not config.get("group"):
-                raise ConfigError(f"{key}: {task} defines no `task` (or `group`) name")
-            if missing := [str(file) for file in task_data_files(path) if not file.exists()]:
-                raise ConfigError(f"{key}: {task} reads {', '.join(missing)}, which does not exist (relative "
-                                  f"data_files are read from the task file's folder)")  # fmt: skip
-        elif task not in (names := installed_task_names(names_cache)):
-            close = difflib.get_close_matches(task, names, n=3)
+        name = local_task_name(Path(task), key=key) if is_local_task(task) else task
+        if not is_local_task(task) and task not in installed_task_names(names_cache, refresh_for=task):
+            close = difflib.get_close_matches(task, installed_task_names(names_cache), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{key}: lm-evaluation-harness has no task {task!r}{hint}; a local task is the path of "
                               f"its YAML file")  # fmt: skip
+        if name in seen:
+            raise ConfigError(f"{key}: {seen[name]} is also named {name!r}; lm-evaluation-harness keeps one task per "
+                              "name, so give each task its own name")  # fmt: skip
+        seen[name] = key
 
 
-def installed_task_names(cache: str | Path) -> set[str]:
+def local_task_name(path: Path, *, key: str) -> str:
+    """The name a local task file defines, after checking that it and everything it reads exist."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: the task file {path} does not exist")
+    try:
+        config, _ = read_task_file(path)
+        definitions, data = task_files(path)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"{key}: cannot read the task file {path}: {error}") from error
+    if "group" in config:
+        raise ConfigError(f"{key}: {path} defines a group; list the YAML files of its tasks in evaluate.tasks instead "
+                          "(local groups are not supported)")  # fmt: skip
+    if not isinstance(config.get("task"), str) or not config["task"]:
+        raise ConfigError(f"{key}: {path} defines no `task` name")
+    if missing := [str(file) for file in definitions + data if not file.exists()]:
+        raise ConfigError(f"{key}: {path} reads {', '.join(missing)}, which does not exist (relative data_files are "
+                          "read from the task file's folder)")  # fmt: skip
+    return config["task"]
+
+
+def installed_task_names(cache: str | Path, *, refresh_for: str | None = None) -> set[str]:
     """The task, group and tag names lm-evaluation-harness ships, kept in ``cache`` per installed version: indexing
-    its thousands of YAML files takes seconds, and this runs whenever the DAG is built."""
+    its thousands of YAML files takes seconds, and this runs whenever the DAG is built. A name missing from the cache
+    (``refresh_for``, e.g. a task just added to an editable install) indexes them again once."""
     cache = Path(cache)
     version = f"{importlib.metadata.version('lm_eval')} {importlib.util.find_spec('lm_eval').origin}"
-    if cache.is_file() and (stored := json.loads(cache.read_text())).get("version") == version:
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    fresh = refresh_for is None or refresh_for in stored.get("names", ()) or stored.get("refreshed_for") == refresh_for
+    if stored.get("version") == version and fresh:
         return set(stored["names"])
     from lm_eval.tasks import TaskManager
 
     names = TaskManager().all_tasks
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"version": version, "names": names}))
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"version": version, "names": names, "refreshed_for": refresh_for}))
+    partial.replace(cache)  # atomic: a concurrent reader sees the old file or the new one
     return set(names)
+
+
+def check_chat_template(config: Config) -> None:
+    """evaluate.apply_chat_template needs a chat template: data.chat_template (which the exported model keeps, and the
+    base model is given), or the base model's tokenizer's own."""
+    if config.evaluate is None or not config.evaluate.apply_chat_template or config.data.chat_template is not None:
+        return
+    model = Path(config.model)
+    if not model.is_dir():  # the example model, not built yet
+        return
+    tokenizer_config = model / "tokenizer_config.json"
+    own = tokenizer_config.is_file() and json.loads(tokenizer_config.read_text()).get("chat_template")
+    if not own and not any((model / name).exists() for name in ("chat_template.jinja", "chat_template.json")):
+        raise ConfigError(f"evaluate.apply_chat_template: the tokenizer of {config.model} has no chat template; give "
+                          "one in data.chat_template")  # fmt: skip
 
 
 @contextmanager
@@ -140,11 +196,15 @@ def evaluate_model(
     table_path: str | Path,
     generations_path: str | Path,
     base_results: str | Path | None = None,
+    chat_template: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Runs ``settings.tasks`` on the model in ``model_dir`` (on a GPU when there is one, over all visible GPUs when
     there are several) and greedy generations for ``settings.prompts``; writes the results (JSON), a Markdown table
-    (compared with ``base_results`` when given) and the generations (JSON lines). Returns the results."""
+    (compared with ``base_results`` when given) and the generations (JSON lines). Returns the results.
+
+    ``chat_template`` replaces the tokenizer's: the base model is given the one training used (data.chat_template,
+    which the exported model's tokenizer holds), so that both models are prompted alike."""
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -159,6 +219,8 @@ def evaluate_model(
     log.info("loading %s for evaluation on %s (CUDA_VISIBLE_DEVICES=%s)", model_dir,
              model_args.get("device", "all visible GPUs"), os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
     model = HFLM(**model_args)
+    if chat_template is not None:
+        model.tokenizer.chat_template = chat_template
     results: dict[str, Any] = {"results": {}}
     if settings.tasks:
         results = lm_eval.simple_evaluate(
@@ -171,6 +233,10 @@ def evaluate_model(
         )
         results.pop("samples", None)
     generations = generate(model.model, model.tokenizer, settings)
+    # What the harness cannot record when it is given a loaded model (its config's model_args and device are null).
+    results["vectorlm"] = {"model_dir": str(model_dir), "device": str(model.model.device), "parallelize":
+                           model_args.get("parallelize", False), "dtype": str(model.model.dtype),
+                           "batch_size": settings.batch_size, "chat_template": settings.apply_chat_template}  # fmt: skip
     if base_results is not None:
         results["compared_to_base"] = compare(json.loads(Path(base_results).read_text())["results"], results["results"])
     Path(results_path).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")

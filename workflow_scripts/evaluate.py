@@ -13,5 +13,6 @@ with logged_stage(sm.rule, sm.log[0]):
         table_path=sm.output.table,
         generations_path=sm.output.generations,
         base_results=sm.input.get("base"),  # only with evaluate.compare_base
+        chat_template=sm.params.get("chat_template"),  # only for the base model
         trust_remote_code=sm.params.trust_remote_code,
     )
