@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
 from vectorlm.data.cache import cache_key
-from vectorlm.evaluate import (
+from vectorlm.eval_tasks import (
     check_chat_template,
     check_tasks,
     is_local_task,
@@ -25,6 +25,7 @@ from vectorlm.tracking import check_backends
 # The embedded example's base model is built by rule build_example instead of being downloaded.
 EXAMPLE_MODEL = "resources/tiny-llama"
 EXAMPLE_CORPUS = f"{workflow.basedir}/examples/tiny/corpus.jsonl"
+EXAMPLE_SIZES = {"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4}
 
 # Schema (unknown keys, types, defaults) and meaning (e.g. batch divisibility) are checked here, when the DAG is
 # built, and so are the input paths: a mistake fails before any job starts.
@@ -203,29 +204,64 @@ def get_task_files():
     return files
 
 
-def evaluate_outputs(directory, report_category=None):
-    """What an evaluation writes into {output_dir}/``directory``; the table is shown by `snakemake --report` under
-    ``report_category``."""
-    table = out(f"{directory}/results.md")
-    if report_category is not None:
-        table = report(
-            table,
+def get_evaluate_outputs():
+    """What rule evaluate writes into {output_dir}/evaluate (the table is shown by `snakemake --report`), and the base
+    model's evaluation into evaluate/base with evaluate.compare_base."""
+    outputs = {
+        "results": out("evaluate/results.json"),
+        "table": report(
+            out("evaluate/results.md"),
             caption="captions/evaluate.rst",
-            category=report_category,
+            category="evaluate",
             labels={"file": "results.md"},
-        )
-    return {
-        "results": out(f"{directory}/results.json"),
-        "table": table,
-        "generations": out(f"{directory}/generations.jsonl"),
+        ),
+        "generations": out("evaluate/generations.jsonl"),
     }
+    if CFG.evaluate.compare_base:
+        outputs.update(
+            {
+                f"base_{name}": out(f"evaluate/base/{path}")
+                for name, path in (
+                    ("results", "results.json"),
+                    ("table", "results.md"),
+                    ("generations", "generations.jsonl"),
+                )
+            }
+        )
+    return outputs
 
 
 def get_evaluate_inputs():
     inputs = {"model": rules.convert_hf.output.model}
     if CFG.evaluate.compare_base:
-        inputs["base"] = rules.evaluate_base.output.results
+        inputs["base"] = model_input()
     return inputs
+
+
+def get_base_evaluation_params():
+    """With evaluate.compare_base: the cache entry of the base model's evaluation, named by everything its results
+    depend on (the base model's files, or how the example model is built; the settings and chat template; the task
+    files and the code), so that experiments on one base model share it; and the chat template it is given.
+    """
+    if not CFG.evaluate.compare_base:
+        return None
+    chat_template = CFG.data.chat_template if CFG.evaluate.apply_chat_template else None
+    model = (
+        {
+            "example": fingerprint("build_example.py", data={"corpus": EXAMPLE_CORPUS}),
+            "sizes": EXAMPLE_SIZES,
+        }
+        if CFG.model == EXAMPLE_MODEL
+        else MODEL_DIGESTS
+    )
+    settings = {
+        "evaluate": get_evaluate_params(),
+        "chat_template": chat_template,
+        "trust_remote_code": CFG.trust_remote_code,
+        "model": model,
+        "digests": fingerprint("evaluate.py", data=get_task_files()),
+    }
+    return {"key": cache_key(settings), "chat_template": chat_template}
 
 
 def get_evaluate_targets():
@@ -239,6 +275,22 @@ def check_train_resources_now(rule):
     check_train_resources(raw, train=CFG.train, threads=raw["_cores"])
 
 
+def current_evaluation():
+    """evaluate/results.json when it is of the current hf_model and evaluate settings (a narrower target, such as
+    convert_hf, can leave an older one)."""
+    path, model = Path(out("evaluate/results.json")), Path(out("hf_model"))
+    if CFG.evaluate is None or not path.is_file() or not model.exists():
+        return None
+    results = json.loads(path.read_text())
+    settings = results.get("vectorlm", {}).get("settings", {})
+    if (
+        path.stat().st_mtime < model.stat().st_mtime
+        or without_operational("evaluate", settings) != get_evaluate_params()
+    ):
+        return None
+    return results
+
+
 def report_summary():
     """Printed when the workflow succeeds: how the eval loss moved, where the model is, and what went wrong quietly."""
     summary_path = Path(out("train/summary.json"))
@@ -249,15 +301,7 @@ def report_summary():
             f"after {summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on "
             f"{summary['world_size']} rank(s)); model: {out('hf_model')}\n"
         )
-    evaluation = Path(out("evaluate/results.json"))
-    model = Path(out("hf_model"))
-    fresh = evaluation.is_file() and model.exists()
-    if (
-        CFG.evaluate is not None
-        and fresh
-        and evaluation.stat().st_mtime >= model.stat().st_mtime
-    ):
-        results = json.loads(evaluation.read_text())
+    if (results := current_evaluation()) is not None:
         for row in results.get("compared_to_base", []):
             print(
                 f"vectorlm: evaluate: {row['task']} {row['metric']} {row['base']:.4f} (base) -> "

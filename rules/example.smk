@@ -7,7 +7,7 @@ rule build_example:
     log:
         "resources/logs/build_example.log",
     params:
-        sizes={"vocab_size": 512, "hidden_size": 128, "num_layers": 4, "num_heads": 4},
+        sizes=EXAMPLE_SIZES,
         fingerprint=fingerprint("build_example.py", data={"corpus": EXAMPLE_CORPUS}),
     script:
         "../workflow_scripts/build_example.py"

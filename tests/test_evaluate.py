@@ -13,16 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO
+from vectorlm import evaluate
 from vectorlm.config import ConfigError, EvaluateConfig
-from vectorlm.evaluate import (
-    check_chat_template,
-    check_tasks,
-    compare,
-    evaluate_model,
-    installed_task_names,
-    results_table,
-    task_files,
-)
+from vectorlm.eval_tasks import check_chat_template, check_tasks, installed_task_names, task_files
+from vectorlm.evaluate import compare, evaluate_model, results_table, run_evaluate
 
 pytest.importorskip("lm_eval")
 SHIPPED_TASK = REPO / "examples" / "tiny" / "eval" / "tiny_stories_cloze.yaml"
@@ -46,9 +40,8 @@ def test_a_local_task_reads_its_data_from_its_folder_and_generations_are_greedy(
     monkeypatch.chdir(elsewhere)  # the task's relative data_files must not be looked for here
     settings = EvaluateConfig(tasks=("../tasks/tiny_stories_cloze.yaml",), prompts=("Once upon", "Every day,"),
                               max_new_tokens=6)  # fmt: skip
-    paths = {name: tmp_path / name for name in ("results.json", "results.md", "generations.jsonl")}
-    results = evaluate_model(tiny_model_dir, settings, results_path=paths["results.json"],
-                             table_path=paths["results.md"], generations_path=paths["generations.jsonl"])  # fmt: skip
+    paths = {name: tmp_path / "out" / name for name in ("results.json", "results.md", "generations.jsonl")}
+    results = evaluate_model(tiny_model_dir, settings, output_dir=tmp_path / "out")
     assert Path.cwd() == elsewhere
     scores = json.loads(paths["results.json"].read_text())["results"]["tiny_stories_cloze"]
     assert scores == results["results"]["tiny_stories_cloze"]
@@ -112,14 +105,14 @@ def test_local_tasks_are_checked_before_any_job(tmp_path):
     # What lm-evaluation-harness's own task files use: an include (its data files count) and !function tags.
     (tmp_path / "c" / "items.jsonl").parent.mkdir()
     write_task(tmp_path / "c", "dataset_path: json\ndataset_kwargs:\n  data_files: [items.jsonl]\n", "base.yaml")
-    including = write_task(tmp_path / "c", "include: base.yaml\ntask: c\nprocess_docs: !function utils.process\n")
+    including = write_task(tmp_path / "c", "include: [base.yaml]\ntask: c\nprocess_docs: !function utils.process\n")
     with pytest.raises(ConfigError, match=r"reads .*c/items.jsonl, which does not exist"):
         check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
     (tmp_path / "c" / "items.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match=r"reads .*c/utils.py, which does not exist"):  # the !function's module
-        check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
-    (tmp_path / "c" / "utils.py").write_text("def process(docs):\n    return docs\n")
-    check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)
+    check_tasks(EvaluateConfig(tasks=(including,)), names_cache=cache)  # no utils.py: a module the harness imports
+    broken = write_task(tmp_path / "e", "task: e\nprocess_docs: !function\n")
+    with pytest.raises(ConfigError, match=r"evaluate.tasks\[0\]: .*'!function ' names no module.function"):
+        check_tasks(EvaluateConfig(tasks=(broken,)), names_cache=cache)
     assert not cache.exists()  # local tasks alone never index the installed ones
 
 
@@ -128,12 +121,23 @@ def test_everything_a_local_task_reads_is_listed_for_its_fingerprint(tmp_path):
     (tmp_path / "data").mkdir()
     for name in ("b.jsonl", "a.jsonl", "other.txt"):
         (tmp_path / "data" / name).write_text("{}\n")
-    write_task(tmp_path / "tasks", "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: ../data/*.jsonl\n"
-                                   "    validation: [../data/other.txt]\n", "base.yaml")  # fmt: skip
-    task = Path(write_task(tmp_path / "tasks", "include: base.yaml\ntask: t\nprocess_docs: !function helpers.f\n"))
+    (tmp_path / "tasks" / "shared" / "lib").mkdir(parents=True)
+    (tmp_path / "tasks" / "shared" / "lib" / "fns.py").write_text("def g(docs):\n    return docs\n")
+    (tmp_path / "tasks" / "helpers.py").write_text("def f(docs):\n    return docs\n")
+    write_task(tmp_path / "tasks" / "shared", "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+               "    test: ../data/**/*.jsonl\n    validation: [../data/other.txt]\nprocess_results: !function "
+               "lib.fns.g\n", "base.yaml")  # fmt: skip
+    task = Path(
+        write_task(tmp_path / "tasks", "include: shared/base.yaml\ntask: t\nprocess_docs: !function helpers.f\n")
+    )
     definitions, data = task_files(task)
-    assert definitions == [task, task.parent / "base.yaml", task.parent / "helpers.py"]
+    # Each !function from the folder of the file that holds it, dotted modules as folders.
+    assert definitions == [task, task.parent / "helpers.py", task.parent / "shared" / "base.yaml",
+                           task.parent / "shared" / "lib" / "fns.py"]  # fmt: skip
+    # Data from the task file's folder, included files' too (the harness loads the task there); globs recursive.
     assert [p.resolve() for p in data] == [tmp_path / "data" / n for n in ("a.jsonl", "b.jsonl", "other.txt")]
+    local = Path(write_task(tmp_path / "tasks", "task: l\ndataset_path: ../data\n", "local.yaml"))
+    assert [p.resolve() for p in task_files(local)[1]] == [tmp_path / "data"]  # a local dataset folder
 
 
 def test_installed_task_names_are_indexed_once_per_installed_version(tmp_path, monkeypatch):
@@ -153,6 +157,46 @@ def test_installed_task_names_are_indexed_once_per_installed_version(tmp_path, m
         installed_task_names(cache)
 
 
+def test_a_name_missing_from_the_index_indexes_again_once(tmp_path, monkeypatch):
+    """A task added to an editable install since the index was made is found; a typo re-indexes only once."""
+    import lm_eval.tasks
+
+    cache = tmp_path / "names.json"
+    names = sorted(installed_task_names(cache))
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "names": [n for n in names if n != "arc_easy"]}))
+    check_tasks(EvaluateConfig(tasks=("arc_easy",)), names_cache=cache)  # indexed again: now it is there
+    assert "arc_easy" in json.loads(cache.read_text())["names"]
+    with pytest.raises(ConfigError, match="has no task 'arc_eazy'"):
+        check_tasks(EvaluateConfig(tasks=("arc_eazy",)), names_cache=cache)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", None)  # indexing again would fail
+    with pytest.raises(ConfigError, match="has no task 'arc_eazy'"):
+        check_tasks(EvaluateConfig(tasks=("arc_eazy",)), names_cache=cache)
+
+
+def test_the_base_models_evaluation_is_made_once_and_shared(tiny_model_dir, local_task, tmp_path, monkeypatch):
+    """Two experiments on one base model with the same settings: the base model is evaluated once, into the cache
+    entry, and each experiment's evaluate/base holds a copy that its comparison uses."""
+    settings = EvaluateConfig(tasks=(str(local_task),), prompts=("Once",), max_new_tokens=3)
+    entry = tmp_path / "cache" / "evaluate" / "key"
+    evaluated = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(
+        evaluate, "evaluate_model", lambda model, *a, **k: evaluated.append(model) or real(model, *a, **k)
+    )
+    first = run_evaluate(tiny_model_dir, settings, output_dir=tmp_path / "one", base_dir=tiny_model_dir,
+                         base_entry=entry)  # fmt: skip
+    second = run_evaluate(tiny_model_dir, settings, output_dir=tmp_path / "two", base_dir=tiny_model_dir,
+                          base_entry=entry)  # fmt: skip
+    assert evaluated == [tiny_model_dir] * 3  # base, first experiment, second experiment
+    assert sorted(p.name for p in entry.iterdir()) == ["generations.jsonl", "results.json", "results.md"]
+    assert not list(entry.parent.glob("*.partial"))
+    for out, results in ((tmp_path / "one", first), (tmp_path / "two", second)):
+        assert (out / "base" / "results.json").read_text() == (entry / "results.json").read_text()
+        base = json.loads((entry / "results.json").read_text())["results"]["tiny_stories_cloze"]["acc,none"]
+        row = next(r for r in results["compared_to_base"] if r["metric"] == "acc,none")
+        assert row["base"] == base and row["trained"] == results["results"]["tiny_stories_cloze"]["acc,none"]
+
+
 def test_an_evaluate_section_without_the_harness_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
@@ -165,8 +209,7 @@ def test_prompts_go_through_the_chat_template_given_for_the_base_model(tiny_mode
     template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}{% endfor %}[assistant]"
     settings = EvaluateConfig(prompts=("a story",), max_new_tokens=5, apply_chat_template=True)
     paths = {name: tmp_path / name for name in ("results.json", "results.md", "generations.jsonl")}
-    evaluate_model(tiny_model_dir, settings, results_path=paths["results.json"], table_path=paths["results.md"],
-                   generations_path=paths["generations.jsonl"], chat_template=template)  # fmt: skip
+    evaluate_model(tiny_model_dir, settings, output_dir=tmp_path, chat_template=template)
     model, tokenizer = (
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         AutoTokenizer.from_pretrained(tiny_model_dir),

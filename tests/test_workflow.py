@@ -180,13 +180,15 @@ def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):
     assert jobs == {"convert_hf", "evaluate", "report", "all"}
 
 
-def test_the_trained_model_scores_above_the_base_model_on_the_shipped_task(finished_run):
+def test_evaluate_writes_both_models_results_side_by_side(finished_run):
+    """The evaluation's files and their agreement; that training wins on the task is tested on the embedded default
+    (tests/test_reruns.py), whose 200 steps are enough to learn it, unlike these 12."""
     workdir, _ = finished_run
     out = workdir / "results" / "tiny-test" / "evaluate"
     trained = json.loads((out / "results.json").read_text())["results"]["tiny_stories_cloze"]
     base = json.loads((out / "base" / "results.json").read_text())["results"]["tiny_stories_cloze"]
     assert trained["sample_len"] == base["sample_len"] == 100  # evaluate.limit
-    assert 0.0 <= base["acc,none"] < trained["acc,none"] <= 1.0, (base, trained)
+    assert 0.0 <= base["acc,none"] <= 1.0 and 0.0 <= trained["acc,none"] <= 1.0, (base, trained)
     compared = json.loads((out / "results.json").read_text())["compared_to_base"]
     assert {"task": "tiny_stories_cloze", "metric": "acc,none", "base": base["acc,none"],
             "trained": trained["acc,none"], "change": trained["acc,none"] - base["acc,none"]} in compared  # fmt: skip
@@ -196,12 +198,14 @@ def test_the_trained_model_scores_above_the_base_model_on_the_shipped_task(finis
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [g["prompt"] for g in generations] == ["Once upon a time", "Every day,"]
     assert all(g["generation"].strip() for g in generations)
+    (entry,) = (workdir / "results" / "cache" / "evaluate").iterdir()  # the base model's, for other experiments too
+    assert (entry / "results.json").read_text() == (out / "base" / "results.json").read_text()
 
 
 def test_changing_what_is_evaluated_reruns_only_the_evaluations(finished_run):
     workdir, _ = finished_run
     prompts = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "prompts": ["Once"]}}, "prompts.yaml")
-    assert planned_jobs(snakemake(workdir, f"--configfile={prompts}", "-n")) == {"evaluate_base", "evaluate", "all"}
+    assert planned_jobs(snakemake(workdir, f"--configfile={prompts}", "-n")) == {"evaluate", "all"}
     batch = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "batch_size": 2}}, "batch.yaml")
     assert planned_jobs(snakemake(workdir, f"--configfile={batch}", "-n")) == set()  # how, not what
     alone = write_config(workdir, {**TINY, "evaluate": {**TINY["evaluate"], "compare_base": False}}, "alone.yaml")

@@ -1,18 +1,21 @@
-"""Snakemake adapter: evaluate a model directory with lm-evaluation-harness (rules ``evaluate`` and ``evaluate_base``)."""
+"""Snakemake adapter: evaluate hf_model (and the base model, with evaluate.compare_base) with lm-evaluation-harness
+(rule ``evaluate``)."""
+
+from pathlib import Path
 
 from vectorlm.config import EvaluateConfig, operational
-from vectorlm.evaluate import evaluate_model
+from vectorlm.evaluate import run_evaluate
 from vectorlm.log import logged_stage
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
-with logged_stage(sm.rule, sm.log[0]):
-    evaluate_model(
+base = sm.params.base  # None unless evaluate.compare_base
+with logged_stage("evaluate", sm.log[0]):
+    run_evaluate(
         sm.input.model,
         EvaluateConfig(**sm.params.evaluate, **operational(sm.config, "evaluate")),
-        results_path=sm.output.results,
-        table_path=sm.output.table,
-        generations_path=sm.output.generations,
-        base_results=sm.input.get("base"),  # only with evaluate.compare_base
-        chat_template=sm.params.get("chat_template"),  # only for the base model
+        output_dir=Path(sm.output.results).parent,
+        base_dir=sm.input.get("base"),
+        base_entry=Path(sm.config["cache_dir"], "evaluate", base["key"]) if base else None,
+        chat_template=base["chat_template"] if base else None,
         trust_remote_code=sm.params.trust_remote_code,
     )
