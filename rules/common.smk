@@ -5,6 +5,7 @@ Only light modules are imported here (no torch, transformers or datasets): this 
 dry runs included.
 """
 
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -42,8 +43,21 @@ config.update(CFG.to_dict())
 # the model files it reads; external inputs are ancient() so that their timestamps trigger nothing, and the workflow
 # profile (profiles/default) turns off Snakemake's timestamp-based code trigger.
 DIGESTS = FileDigests(".snakemake/vectorlm-fingerprints.json")
+# The example model is not there before build_example makes it, so what makes it (code, corpus, sizes) stands for it.
 MODEL_DIGESTS = (
-    dict.fromkeys(("files", "weights"), "made by build_example")
+    dict.fromkeys(
+        ("files", "weights"),
+        "made by build_example "
+        + cache_key(
+            {
+                "code": code_digest(
+                    Path(workflow.basedir, "workflow_scripts", "build_example.py")
+                ),
+                "corpus": tree_digest(DIGESTS, EXAMPLE_CORPUS),
+                "sizes": EXAMPLE_SIZES,
+            }
+        ),
+    )
     if CFG.model == EXAMPLE_MODEL
     else model_digests(DIGESTS, CFG.model)
 )
@@ -276,16 +290,18 @@ def check_train_resources_now(rule):
 
 
 def current_evaluation():
-    """evaluate/results.json when it is of the current hf_model and evaluate settings (a narrower target, such as
-    convert_hf, can leave an older one)."""
+    """evaluate/results.json when it is of the current hf_model, evaluate settings and task files (a narrower target,
+    such as convert_hf, can leave an older one)."""
     path, model = Path(out("evaluate/results.json")), Path(out("hf_model"))
     if CFG.evaluate is None or not path.is_file() or not model.exists():
         return None
     results = json.loads(path.read_text())
-    settings = results.get("vectorlm", {}).get("settings", {})
+    made = results.get("vectorlm", {})
     if (
         path.stat().st_mtime < model.stat().st_mtime
-        or without_operational("evaluate", settings) != get_evaluate_params()
+        or without_operational("evaluate", made.get("settings", {}))
+        != get_evaluate_params()
+        or made.get("fingerprint") != fingerprint("evaluate.py", data=get_task_files())
     ):
         return None
     return results

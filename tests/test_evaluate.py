@@ -138,6 +138,13 @@ def test_everything_a_local_task_reads_is_listed_for_its_fingerprint(tmp_path):
     assert [p.resolve() for p in data] == [tmp_path / "data" / n for n in ("a.jsonl", "b.jsonl", "other.txt")]
     local = Path(write_task(tmp_path / "tasks", "task: l\ndataset_path: ../data\n", "local.yaml"))
     assert [p.resolve() for p in task_files(local)[1]] == [tmp_path / "data"]  # a local dataset folder
+    # data_files under data_dir, as datasets reads them.
+    under = Path(write_task(tmp_path / "tasks", "task: u\ndataset_path: json\ndataset_kwargs:\n  data_dir: ../data\n"
+                                                "  data_files: a.jsonl\n", "under.yaml"))  # fmt: skip
+    assert [p.resolve() for p in task_files(under)[1]] == [tmp_path / "data" / "a.jsonl", tmp_path / "data"]
+    cycle = write_task(tmp_path / "loop", "include: task.yaml\ntask: x\n")
+    with pytest.raises(ConfigError, match=r"evaluate.tasks\[0\]: .*task.yaml is included twice"):
+        check_tasks(EvaluateConfig(tasks=(cycle,)), names_cache=tmp_path / "names.json")
 
 
 def test_installed_task_names_are_indexed_once_per_installed_version(tmp_path, monkeypatch):
@@ -175,7 +182,14 @@ def test_a_name_missing_from_the_index_indexes_again_once(tmp_path, monkeypatch)
 
 def test_the_base_models_evaluation_is_made_once_and_shared(tiny_model_dir, local_task, tmp_path, monkeypatch):
     """Two experiments on one base model with the same settings: the base model is evaluated once, into the cache
-    entry, and each experiment's evaluate/base holds a copy that its comparison uses."""
+    entry, and each experiment's evaluate/base holds a copy that its comparison uses; the trained model's files are
+    its own."""
+    trained = tmp_path / "trained"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # another model: other generations
+    model.save_pretrained(trained)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(trained)
     settings = EvaluateConfig(tasks=(str(local_task),), prompts=("Once",), max_new_tokens=3)
     entry = tmp_path / "cache" / "evaluate" / "key"
     evaluated = []
@@ -183,18 +197,21 @@ def test_the_base_models_evaluation_is_made_once_and_shared(tiny_model_dir, loca
     monkeypatch.setattr(
         evaluate, "evaluate_model", lambda model, *a, **k: evaluated.append(model) or real(model, *a, **k)
     )
-    first = run_evaluate(tiny_model_dir, settings, output_dir=tmp_path / "one", base_dir=tiny_model_dir,
-                         base_entry=entry)  # fmt: skip
-    second = run_evaluate(tiny_model_dir, settings, output_dir=tmp_path / "two", base_dir=tiny_model_dir,
-                          base_entry=entry)  # fmt: skip
-    assert evaluated == [tiny_model_dir] * 3  # base, first experiment, second experiment
+    first = run_evaluate(trained, settings, output_dir=tmp_path / "one", base_dir=tiny_model_dir, base_entry=entry)
+    second = run_evaluate(trained, settings, output_dir=tmp_path / "two", base_dir=tiny_model_dir, base_entry=entry)
+    assert evaluated == [tiny_model_dir, trained, trained]  # the base model once
+    assert (tmp_path / "one" / "generations.jsonl").read_text() != (entry / "generations.jsonl").read_text()
     assert sorted(p.name for p in entry.iterdir()) == ["generations.jsonl", "results.json", "results.md"]
-    assert not list(entry.parent.glob("*.partial"))
+    assert not list(entry.parent.glob("*.partial-*"))
     for out, results in ((tmp_path / "one", first), (tmp_path / "two", second)):
         assert (out / "base" / "results.json").read_text() == (entry / "results.json").read_text()
         base = json.loads((entry / "results.json").read_text())["results"]["tiny_stories_cloze"]["acc,none"]
         row = next(r for r in results["compared_to_base"] if r["metric"] == "acc,none")
         assert row["base"] == base and row["trained"] == results["results"]["tiny_stories_cloze"]["acc,none"]
+        assert json.loads((out / "results.json").read_text())["vectorlm"]["model_dir"] == str(trained)
+    # Without the comparison, no earlier base files stay beside the new results.
+    run_evaluate(trained, EvaluateConfig(prompts=("Once",), max_new_tokens=3), output_dir=tmp_path / "one")
+    assert not (tmp_path / "one" / "base").exists()
 
 
 def test_an_evaluate_section_without_the_harness_names_the_extra(monkeypatch):

@@ -188,7 +188,6 @@ def test_evaluate_writes_both_models_results_side_by_side(finished_run):
     trained = json.loads((out / "results.json").read_text())["results"]["tiny_stories_cloze"]
     base = json.loads((out / "base" / "results.json").read_text())["results"]["tiny_stories_cloze"]
     assert trained["sample_len"] == base["sample_len"] == 100  # evaluate.limit
-    assert 0.0 <= base["acc,none"] <= 1.0 and 0.0 <= trained["acc,none"] <= 1.0, (base, trained)
     compared = json.loads((out / "results.json").read_text())["compared_to_base"]
     assert {"task": "tiny_stories_cloze", "metric": "acc,none", "base": base["acc,none"],
             "trained": trained["acc,none"], "change": trained["acc,none"] - base["acc,none"]} in compared  # fmt: skip

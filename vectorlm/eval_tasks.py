@@ -38,11 +38,16 @@ _TaskLoader.add_multi_constructor(
 )  # fmt: skip
 
 
-def read_task_file(path: Path) -> tuple[dict[str, Any], list[Path]]:
+def read_task_file(path: Path, _seen: set[Path] | None = None) -> tuple[dict[str, Any], list[Path]]:
     """A local task definition with what it ``include``s (a file or a list of them, from its own folder) merged
-    under it, its own keys winning, as lm-evaluation-harness merges them; and the files that make it up: the YAML
-    files and the local Python modules of their ``!function`` tags (each resolved from the YAML file that holds it;
-    a module that is not there is one the harness imports)."""
+    under it, its own keys winning, as lm-evaluation-harness merges them (an included ``task_list`` is dropped, and a
+    file is included once); and the files that make it up: the YAML files and the local Python modules of their
+    ``!function`` tags (each resolved from the YAML file that holds it; a module that is not there is one the harness
+    imports)."""
+    _seen = set() if _seen is None else _seen
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path} is included twice (or includes itself)")
+    _seen.add(path.resolve())
     config = yaml.load(path.read_text(), Loader=_TaskLoader)
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a YAML mapping")
@@ -57,7 +62,8 @@ def read_task_file(path: Path) -> tuple[dict[str, Any], list[Path]]:
     includes = config.get("include") or []
     merged: dict[str, Any] = {}
     for include in [includes] if isinstance(includes, str) else includes:
-        included, included_files = read_task_file(path.parent / include)
+        included, included_files = read_task_file(path.parent / include, _seen)
+        included.pop("task_list", None)
         merged.update(included)
         files += included_files
     return {**merged, **config}, files
@@ -66,7 +72,9 @@ def read_task_file(path: Path) -> tuple[dict[str, Any], list[Path]]:
 def task_files(path: Path) -> tuple[list[Path], list[Path]]:
     """What a local task reads: its definitions (:func:`read_task_file`) and its data: ``dataset_kwargs.data_files``
     (globs expanded; one that matches nothing is listed as it is, to be reported missing), and ``dataset_path`` or
-    ``dataset_kwargs.data_dir`` where they name a local file or folder."""
+    ``dataset_kwargs.data_dir`` where they name a local file or folder. Relative names are read as the harness's
+    ``datasets.load_dataset`` reads them in the task file's folder: data files under a local dataset folder and
+    ``data_dir``."""
     config, definitions = read_task_file(path)
     kwargs = config.get("dataset_kwargs") or {}
     files = kwargs.get("data_files") or []
@@ -74,9 +82,15 @@ def task_files(path: Path) -> tuple[list[Path], list[Path]]:
     names = [name for entry in entries for name in ([entry] if isinstance(entry, str) else entry)]
     if bad := [name for name in names if not isinstance(name, str)]:
         raise ConfigError(f"{path}: dataset_kwargs.data_files holds {bad[0]!r}, not a file name")
+    folder = path.parent
+    local_path = config.get("dataset_path")
+    if isinstance(local_path, str) and (path.parent / local_path).is_dir():
+        folder /= local_path
+    if isinstance(kwargs.get("data_dir"), str):
+        folder /= kwargs["data_dir"]
     data = []
     for name in names:
-        full = path.parent / name  # an absolute name stays itself
+        full = folder / name  # an absolute name stays itself
         matches = sorted(Path(m) for m in glob.glob(str(full), recursive=True)) if glob.has_magic(name) else []
         data += matches or [full]
     for local in (config.get("dataset_path"), kwargs.get("data_dir")):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,34 +37,39 @@ def run_evaluate(
     base_entry: str | Path | None = None,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluates the model in ``model_dir`` into ``output_dir`` (:data:`FILES`). With ``base_dir``, the base model is
+    """Evaluates the model in ``model_dir`` into ``output_dir`` (:data:`FILES`), with ``provenance`` (e.g. the
+    workflow's fingerprint of what it read) recorded in the results. With ``base_dir``, the base model is
     evaluated first into the cache entry ``base_entry`` (unless an experiment already did: the entry's name is a digest
     of everything its results depend on), copied to ``output_dir/base`` and compared; it is given ``chat_template``,
     the template training used, which the exported model's tokenizer holds, so that both are prompted alike."""
     output_dir = Path(output_dir)
     base_results = None
+    shutil.rmtree(output_dir / "base", ignore_errors=True)  # never an earlier comparison's files beside these
     if base_dir is not None:
         assert base_entry is not None
         entry = Path(base_entry)
         if (entry / "results.json").is_file():
             log.info("the base model's evaluation was made by an earlier run: %s", entry)
         else:
-            partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            log.info("evaluating the base model %s first, into %s", base_dir, entry)
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f"{entry.name}.partial-", dir=entry.parent))
             evaluate_model(base_dir, settings, output_dir=partial, chat_template=chat_template,
                            trust_remote_code=trust_remote_code)  # fmt: skip
+            if entry.is_dir() and not (entry / "results.json").is_file():
+                shutil.rmtree(entry)  # incomplete (not made here: entries appear whole, by rename)
             try:
                 partial.rename(entry)
             except OSError:  # another experiment made the same entry meanwhile
                 shutil.rmtree(partial)
-        (output_dir / "base").mkdir(parents=True, exist_ok=True)
+        (output_dir / "base").mkdir(parents=True)
         for name in FILES:
             shutil.copyfile(entry / name, output_dir / "base" / name)
         base_results = output_dir / "base" / "results.json"
     return evaluate_model(model_dir, settings, output_dir=output_dir, base_results=base_results,
-                          trust_remote_code=trust_remote_code)  # fmt: skip
+                          trust_remote_code=trust_remote_code, provenance=provenance)  # fmt: skip
 
 
 @contextmanager
@@ -101,6 +107,7 @@ def evaluate_model(
     base_results: str | Path | None = None,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs ``settings.tasks`` on the model in ``model_dir`` (on a GPU when there is one, over all visible GPUs when
     there are several) and greedy generations for ``settings.prompts``; writes the results (JSON), a Markdown table
@@ -138,7 +145,7 @@ def evaluate_model(
     results["vectorlm"] = {"model_dir": str(model_dir), "device": str(model.model.device), "parallelize":
                            model_args.get("parallelize", False), "dtype": str(model.model.dtype),
                            "batch_size": settings.batch_size, "chat_template": settings.apply_chat_template,
-                           "settings": to_plain(settings)}  # fmt: skip
+                           "settings": to_plain(settings), **(provenance or {})}  # fmt: skip
     if base_results is not None:
         results["compared_to_base"] = compare(json.loads(Path(base_results).read_text())["results"], results["results"])
     output_dir = Path(output_dir)

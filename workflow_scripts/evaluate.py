@@ -18,4 +18,5 @@ with logged_stage("evaluate", sm.log[0]):
         base_entry=Path(sm.config["cache_dir"], "evaluate", base["key"]) if base else None,
         chat_template=base["chat_template"] if base else None,
         trust_remote_code=sm.params.trust_remote_code,
+        provenance={"fingerprint": sm.params.fingerprint},  # tells the run summary whether these results are current
     )
