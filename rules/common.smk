@@ -19,7 +19,7 @@ from vectorlm.eval_tasks import (
     task_files,
 )
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
-from vectorlm.inputs import check_inputs
+from vectorlm.inputs import check_attention, check_inputs
 from vectorlm.placement import check_train_resources
 from vectorlm.tracking import check_backends
 
@@ -60,6 +60,12 @@ MODEL_DIGESTS = (
     )
     if CFG.model == EXAMPLE_MODEL
     else model_digests(DIGESTS, CFG.model)
+)
+# An explicit train.attention the model does not support fails here (the answer is kept per model).
+check_attention(
+    CFG,
+    cache=".snakemake/vectorlm-attention.json",
+    model_digest=MODEL_DIGESTS["files"],
 )
 
 

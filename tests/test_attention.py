@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import transformers.masking_utils
-from transformers import AutoModelForCausalLM, MistralConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralConfig,
+)
 
 from tests.conftest import requires_gpu
-from vectorlm.attention import document_mask_kwargs, resolve_attention
+from vectorlm.attention import PREFERENCE, document_mask_kwargs, resolve_attention, supported_attention
 from vectorlm.config import ConfigError
 from vectorlm.data.loader import collate
 from vectorlm.step import forward_logits
@@ -56,6 +67,63 @@ def test_auto_and_explicit_choices():
     assert resolve_attention("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ConfigError, match="train.attention: flash_attention_2 needs a CUDA GPU"):
         resolve_attention("flash_attention_2", torch.device("cpu"))
+
+
+def test_auto_picks_what_the_model_supports_and_an_explicit_choice_it_does_not_fails():
+    """transformers refuses sdpa for Gemma-2 and flex attention for GPT-2: auto picks the next one that keeps packed
+    documents apart; asking for an unsupported one names the supported ones."""
+    gemma2, gpt2 = supported_attention(Gemma2ForCausalLM), supported_attention(GPT2LMHeadModel)
+    assert gemma2 == ("flash_attention_2", "flex_attention", "eager")
+    assert gpt2 == ("flash_attention_2", "sdpa", "eager")
+    assert supported_attention(LlamaForCausalLM) == PREFERENCE
+    assert resolve_attention("auto", torch.device("cpu"), supported=gemma2) == "eager"
+    assert resolve_attention("auto", torch.device("cuda"), supported=gemma2) in ("flash_attention_2", "flex_attention")
+    assert resolve_attention("auto", torch.device("cuda"), supported=gpt2) in ("flash_attention_2", "sdpa")
+    message = ("train.attention: Gemma2ForCausalLM does not support sdpa; it supports flash_attention_2, "
+               "flex_attention, eager")  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_attention("sdpa", torch.device("cpu"), supported=gemma2, model_name="Gemma2ForCausalLM")
+
+
+def tiny_gemma2(path: Path, tokenizer_from: Path) -> Path:
+    """A random 2-layer Gemma-2 with the tokenizer of ``tokenizer_from``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                          max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_an_unsupported_choice_fails_before_any_job_and_the_answer_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    from vectorlm import model as model_module
+    from vectorlm.config import Config
+    from vectorlm.inputs import check_attention
+
+    path = tiny_gemma2(tmp_path / "gemma2", tiny_model_dir)
+    raw = {"model": str(path), "output_dir": str(tmp_path / "out"), "max_seq_len": 64, "data": {"train": "x.jsonl"}}
+    cache = tmp_path / "attention.json"
+    with pytest.raises(ConfigError, match="train.attention: Gemma2ForCausalLM does not support sdpa; it supports"):
+        check_attention(Config.from_dict({**raw, "train": {"attention": "sdpa"}}), cache=cache, model_digest="d1")
+    monkeypatch.setattr(model_module, "causal_lm_class", None)  # asking transformers again would fail
+    check_attention(Config.from_dict({**raw, "train": {"attention": "eager"}}), cache=cache, model_digest="d1")
+    check_attention(Config.from_dict(raw), cache=tmp_path / "unused.json", model_digest="d2")  # auto: no question
+    assert not (tmp_path / "unused.json").exists()
+
+
+def test_packed_documents_stay_apart_in_gemma2_with_the_attention_auto_picks(tiny_model_dir, tmp_path):
+    """Gemma-2 (sliding-window layers, logit soft-capping) on a CPU: auto picks eager, which isolates documents."""
+    from tests.data.test_pack import check_isolation, pack
+
+    attention = resolve_attention("auto", torch.device("cpu"), supported=supported_attention(Gemma2ForCausalLM))
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma2(tmp_path / "gemma2", tiny_model_dir),
+                                                 attn_implementation=attention).eval()  # fmt: skip
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(2, 300, size=n).tolist() for n in (40, 17, 60, 9, 25)]
+    packed, _ = pack(tmp_path, docs, max_seq_len=128)
+    assert attention == "eager" and check_isolation(model, list(packed), flatten=False) == len(docs)
 
 
 @requires_gpu
@@ -113,3 +181,17 @@ def test_the_flash_attn_path_gets_the_documents_from_collate(tiny_model_dir, mon
         for start, end in zip(calls[0]["cu_seq_lens"][:-1], calls[0]["cu_seq_lens"][1:]):
             alone = plain(input_ids=batch["input_ids"][:, start:end]).logits[0]
             torch.testing.assert_close(logits[start:end], alone, atol=5e-2, rtol=0)
+
+
+def test_gemma2_trains_on_two_ranks_with_the_attention_auto_picks(tiny_model_dir, packed_dir, tmp_path):
+    """The run that died inside the job (transformers refused sdpa for Gemma-2): it trains, with eager, and 1 and 2
+    ranks give equal losses."""
+    from tests.conftest import run_training
+
+    model = tiny_gemma2(tmp_path / "gemma2", tiny_model_dir)
+    settings = {"max_steps": 2, "lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False}
+    two = run_training(tmp_path / "two", model, packed_dir, **settings)
+    one = run_training(tmp_path / "one", model, packed_dir, num_processes=1, **settings)
+    assert "trainable, attention eager) on 2 rank(s)" in (tmp_path / "two" / "logs" / "train.log").read_text()
+    assert np.isfinite(two["summary"]["final_eval_loss"])
+    np.testing.assert_allclose([s["loss"] for s in two["steps"]], [s["loss"] for s in one["steps"]], rtol=1e-5)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, write_jsonl
+from tests.test_attention import tiny_gemma2
 
 pytestmark = pytest.mark.workflow
 
@@ -286,6 +287,7 @@ BAD_INPUTS = [
     ({"evaluate": {"tasks": ["hellaswagg"]}}, "evaluate.tasks[0]: lm-evaluation-harness has no task 'hellaswagg' (did you mean hellaswag"),
     ({"evaluate": {"tasks": ["no/such/task.yaml"]}}, "evaluate.tasks[0]: the task file no/such/task.yaml does not exist"),
     ({"evaluate": {}}, "the evaluate section needs evaluate.tasks or evaluate.prompts"),
+    ({"model": "gemma2", "train": {**TINY["train"], "attention": "sdpa"}}, "train.attention: Gemma2ForCausalLM does not support sdpa; it supports flash_attention_2, flex_attention, eager"),
 ]  # fmt: skip
 
 
@@ -296,6 +298,8 @@ def test_bad_input_fails_before_any_job_and_loses_nothing(finished_run, change, 
     (workdir / "corpus.csv").write_text("text\nhello\n")
     (workdir / "blank.jsonl").write_text("\n\n")
     (workdir / "array.json").write_text("[]")
+    if not (workdir / "gemma2").exists():
+        tiny_gemma2(workdir / "gemma2", workdir / "resources" / "tiny-llama")
     if not (workdir / "untokenized").exists():
         shutil.copytree(workdir / "resources" / "tiny-llama", workdir / "untokenized",
                         ignore=shutil.ignore_patterns("tokenizer*"))  # fmt: skip

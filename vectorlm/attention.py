@@ -73,12 +73,34 @@ def all_layers_attend_fully(config: PretrainedConfig) -> bool:
     return all(getattr(config, key, None) is None for key in ("sliding_window", "attention_chunk_size"))
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """The attention to use for ``train.attention``: ``auto`` is flash-attn on a GPU where it is installed, else
-    flex attention on a GPU, else sdpa (on a CPU)."""
+# What auto prefers on a GPU, best first; every one keeps packed documents apart (tests/data/test_pack.py).
+PREFERENCE = ("flash_attention_2", "flex_attention", "sdpa", "eager")
+
+
+def supported_attention(model_class: type) -> tuple[str, ...]:
+    """The implementations of :data:`PREFERENCE` that ``model_class`` supports, as transformers declares them (Gemma-2
+    refuses sdpa, GPT-2 flex attention). Our flash-attn path is a function registered with transformers, which a model
+    calls only when it routes attention through that registry (``_supports_attention_backend``)."""
+    flags = {
+        "flash_attention_2": model_class._supports_flash_attn and model_class._supports_attention_backend,
+        "flex_attention": model_class._supports_flex_attn,
+        "sdpa": model_class._supports_sdpa,
+        "eager": True,
+    }
+    return tuple(name for name in PREFERENCE if flags[name])
+
+
+def resolve_attention(requested: str, device: torch.device, *, supported: tuple[str, ...] = PREFERENCE,
+                      model_name: str = "the model") -> str:  # fmt: skip
+    """The attention to use for ``train.attention``: ``auto`` is the first of :data:`PREFERENCE` that ``supported``
+    holds and the machine can run (flash-attn on a GPU where it is installed, flex attention on a GPU, sdpa, eager). An
+    explicit choice that ``model_name`` does not support is an error naming the ones it does."""
     has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    runnable = {"flash_attention_2": has_flash, "flex_attention": device.type == "cuda", "sdpa": True, "eager": True}
     if requested == "auto":
-        return "flash_attention_2" if has_flash else "flex_attention" if device.type == "cuda" else "sdpa"
+        return next(name for name in supported if runnable[name])
+    if requested not in supported:
+        raise ConfigError(unsupported_attention(requested, model_name, supported))
     if requested == "flash_attention_2" and not has_flash:
         raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package")
     if requested == "sdpa" and device.type == "cuda":
@@ -86,6 +108,11 @@ def resolve_attention(requested: str, device: torch.device) -> str:
                     "micro_batch_size x max_seq_len^2 bytes per forward (64 MB at 4 x 4096), which also keeps sdpa "
                     "off its flash kernel; flex_attention (or flash_attention_2) does not")  # fmt: skip
     return requested
+
+
+def unsupported_attention(requested: str, model_name: str, supported: tuple[str, ...] | list[str]) -> str:
+    return (f"train.attention: {model_name} does not support {requested}; it supports {', '.join(supported)} "
+            "(or auto, which picks among them)")  # fmt: skip
 
 
 def model_attention(attention: str) -> str:

@@ -32,6 +32,17 @@ from vectorlm.loss import install_loss, resolve_loss
 log = logging.getLogger(__name__)
 
 
+def causal_lm_class(model_dir: str | Path, *, trust_remote_code: bool = False) -> type[PreTrainedModel]:
+    """The class AutoModelForCausalLM builds for the model in ``model_dir`` (remote code included when trusted)."""
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(model_dir))
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
 def build_empty_model(model_dir: str | Path, *, attention: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model with its parameters on the meta device and its buffers (e.g. rotary frequencies) computed on CPU."""
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)

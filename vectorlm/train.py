@@ -31,7 +31,7 @@ import torch.distributed as dist
 import yaml
 from transformers import get_scheduler
 
-from vectorlm.attention import resolve_attention
+from vectorlm.attention import resolve_attention, supported_attention
 from vectorlm.checkpoint import Checkpointer, checkpoint_dir, checkpoints_root, load_checkpoint
 from vectorlm.config import ConfigError, LoraSettings, TrainConfig, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
@@ -41,7 +41,7 @@ from vectorlm.distributed import DistributedEnv, all_reduce_sum, init_distribute
 from vectorlm.inputs import check_model_dir
 from vectorlm.log import format_duration, setup_logging
 from vectorlm.metrics import StepMeter, peak_flops, peak_memory_mb, training_flops
-from vectorlm.model import build_model, count_parameters
+from vectorlm.model import build_model, causal_lm_class, count_parameters
 from vectorlm.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from vectorlm.resume import StartPlan, plan_start, repeats_exactly, run_fingerprint
 from vectorlm.step import build_optimizer, evaluate, to_device, train_step
@@ -107,7 +107,9 @@ class Trainer:
         """The sharded model (weights read from the base model), optimizer, schedule, data and checkpoint writer."""
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed + env.rank)
-        self.attention = resolve_attention(cfg.attention, env.device)
+        model_class = causal_lm_class(self.job.model, trust_remote_code=self.job.trust_remote_code)
+        self.attention = resolve_attention(cfg.attention, env.device, supported=supported_attention(model_class),
+                                           model_name=model_class.__name__)  # fmt: skip
         self.flatten = self.attention == "flash_attention_2"
         model, mesh = build_model(self.job.model, env, train=cfg, lora=self.job.lora, attention=self.attention,
                                   trust_remote_code=self.job.trust_remote_code)  # fmt: skip
