@@ -19,7 +19,8 @@ from vectorlm.eval_tasks import (
     task_files,
 )
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
-from vectorlm.inputs import check_attention, check_inputs
+from vectorlm.attention_support import check_attention
+from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
 from vectorlm.tracking import check_backends
 

@@ -99,8 +99,8 @@ def tiny_gemma2(path: Path, tokenizer_from: Path) -> Path:
 
 def test_an_unsupported_choice_fails_before_any_job_and_the_answer_is_kept(tiny_model_dir, tmp_path, monkeypatch):
     from vectorlm import model as model_module
+    from vectorlm.attention_support import check_attention
     from vectorlm.config import Config
-    from vectorlm.inputs import check_attention
 
     path = tiny_gemma2(tmp_path / "gemma2", tiny_model_dir)
     raw = {"model": str(path), "output_dir": str(tmp_path / "out"), "max_seq_len": 64, "data": {"train": "x.jsonl"}}

@@ -74,32 +74,3 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         return
     check_model_dir(config.model)
     check_max_seq_len(config.max_seq_len, config.model)
-
-
-def check_attention(config: Config, *, cache: str | Path, model_digest: str) -> None:
-    """An explicit train.attention that the model does not support (Gemma-2 and sdpa, GPT-2 and flex attention) fails
-    here, naming the ones it supports. Finding them imports torch and transformers (seconds), so the answer is kept in
-    ``cache`` per model (``model_digest``) and transformers version; auto needs no check (it picks among them)."""
-    import importlib.metadata
-    import os
-
-    requested = config.train.attention
-    if requested == "auto" or not Path(config.model).is_dir():  # the example model is built by the workflow
-        return
-    key = f"{model_digest} {config.trust_remote_code} transformers {importlib.metadata.version('transformers')}"
-    cache = Path(cache)
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in stored:
-        from vectorlm.attention import supported_attention
-        from vectorlm.model import causal_lm_class
-
-        model_class = causal_lm_class(config.model, trust_remote_code=config.trust_remote_code)
-        stored = {key: {"class": model_class.__name__, "supported": list(supported_attention(model_class))}}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(stored))
-        partial.replace(cache)
-    if requested not in stored[key]["supported"]:
-        from vectorlm.attention import unsupported_attention
-
-        raise ConfigError(unsupported_attention(requested, stored[key]["class"], stored[key]["supported"]))
