@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from vectorlm.attention_support import check_attention
 from vectorlm.config import OPERATIONAL_KEYS, Config, to_plain
 from vectorlm.data.cache import cache_key
 from vectorlm.eval_tasks import (
@@ -19,7 +20,6 @@ from vectorlm.eval_tasks import (
     task_files,
 )
 from vectorlm.fingerprint import FileDigests, code_digest, model_digests, tree_digest
-from vectorlm.attention_support import check_attention
 from vectorlm.inputs import check_inputs
 from vectorlm.placement import check_train_resources
 from vectorlm.tracking import check_backends
@@ -267,20 +267,17 @@ def get_base_evaluation_params():
     if not CFG.evaluate.compare_base:
         return None
     chat_template = CFG.data.chat_template if CFG.evaluate.apply_chat_template else None
-    model = (
-        {
-            "example": fingerprint("build_example.py", data={"corpus": EXAMPLE_CORPUS}),
-            "sizes": EXAMPLE_SIZES,
-        }
-        if CFG.model == EXAMPLE_MODEL
-        else MODEL_DIGESTS
-    )
     settings = {
         "evaluate": get_evaluate_params(),
         "chat_template": chat_template,
         "trust_remote_code": CFG.trust_remote_code,
-        "model": model,
+        "model": MODEL_DIGESTS,
         "digests": fingerprint("evaluate.py", data=get_task_files()),
+        # Scores of two harness versions (prompts, metrics) are not comparable: an upgrade evaluates the base again.
+        "versions": {
+            package: importlib.metadata.version(package)
+            for package in ("lm_eval", "transformers")
+        },
     }
     return {"key": cache_key(settings), "chat_template": chat_template}
 
