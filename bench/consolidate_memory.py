@@ -42,7 +42,7 @@ def write_checkpoint(root: Path, *, hidden: int, layers: int, vocab: int) -> tup
 import torch, torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
 from vectorlm.distributed import init_distributed, build_mesh
-from vectorlm.model import build_empty_model, apply_fsdp, materialize
+from vectorlm.model import build_empty_model, apply_fsdp, materialize, weight_layout
 from vectorlm.step import build_optimizer
 from vectorlm.config import TrainConfig
 from vectorlm.checkpoint import Checkpointer
@@ -51,8 +51,9 @@ config = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size
 LlamaForCausalLM(config).save_pretrained("{root}/model")
 env = init_distributed()
 model = build_empty_model("{root}/model", attention="sdpa")
+layout = weight_layout(model, "{root}/model")
 apply_fsdp(model, build_mesh(env, "full"), mixed_precision=False)
-materialize(model, "{root}/model", env.device)
+materialize(model, "{root}/model", env.device, layout=layout)
 optimizer = build_optimizer(model, TrainConfig())
 checkpointer = Checkpointer(group=None, asynchronous=False, device=env.device)
 checkpointer.save(__import__("pathlib").Path("{root}/ckpt"), model=model, optimizer=optimizer,

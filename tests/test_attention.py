@@ -113,19 +113,6 @@ def test_an_unsupported_choice_fails_before_any_job_and_the_answer_is_kept(tiny_
     assert not (tmp_path / "unused.json").exists()
 
 
-def test_packed_documents_stay_apart_in_gemma2_with_the_attention_auto_picks(tiny_model_dir, tmp_path):
-    """Gemma-2 (sliding-window layers, logit soft-capping) on a CPU: auto picks eager, which isolates documents."""
-    from tests.data.test_pack import check_isolation, pack
-
-    attention = resolve_attention("auto", torch.device("cpu"), supported=supported_attention(Gemma2ForCausalLM))
-    model = AutoModelForCausalLM.from_pretrained(tiny_gemma2(tmp_path / "gemma2", tiny_model_dir),
-                                                 attn_implementation=attention).eval()  # fmt: skip
-    rng = np.random.default_rng(5)
-    docs = [rng.integers(2, 300, size=n).tolist() for n in (40, 17, 60, 9, 25)]
-    packed, _ = pack(tmp_path, docs, max_seq_len=128)
-    assert attention == "eager" and check_isolation(model, list(packed), flatten=False) == len(docs)
-
-
 @requires_gpu
 @pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
 def test_a_training_step_on_gpu_never_waits_for_the_device(tiny_model_dir, attention):
@@ -181,17 +168,3 @@ def test_the_flash_attn_path_gets_the_documents_from_collate(tiny_model_dir, mon
         for start, end in zip(calls[0]["cu_seq_lens"][:-1], calls[0]["cu_seq_lens"][1:]):
             alone = plain(input_ids=batch["input_ids"][:, start:end]).logits[0]
             torch.testing.assert_close(logits[start:end], alone, atol=5e-2, rtol=0)
-
-
-def test_gemma2_trains_on_two_ranks_with_the_attention_auto_picks(tiny_model_dir, packed_dir, tmp_path):
-    """The run that died inside the job (transformers refused sdpa for Gemma-2): it trains, with eager, and 1 and 2
-    ranks give equal losses."""
-    from tests.conftest import run_training
-
-    model = tiny_gemma2(tmp_path / "gemma2", tiny_model_dir)
-    settings = {"max_steps": 2, "lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False}
-    two = run_training(tmp_path / "two", model, packed_dir, **settings)
-    one = run_training(tmp_path / "one", model, packed_dir, num_processes=1, **settings)
-    assert "trainable, attention eager) on 2 rank(s)" in (tmp_path / "two" / "logs" / "train.log").read_text()
-    assert np.isfinite(two["summary"]["final_eval_loss"])
-    np.testing.assert_allclose([s["loss"] for s in two["steps"]], [s["loss"] for s in one["steps"]], rtol=1e-5)

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from tests.conftest import run_training
 from vectorlm.checkpoint import SafeFileSystemReader, UnsafeCheckpointError, list_checkpoints, problem_with
-from vectorlm.config import ExportConfig, TrainConfig
+from vectorlm.config import ExportConfig, LoraSettings, TrainConfig
 from vectorlm.export import consolidate
 from vectorlm.preemption import PREEMPTED_EXIT_CODE
 from vectorlm.train import TrainJob
@@ -46,16 +46,17 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 def start_job(
-    output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, job: TrainJob | None = None, **train
-) -> subprocess.Popen:
-    """A training job (``job``, or one made of ``train`` settings) in its own process group, as Snakemake starts it."""
-    job = job or TrainJob(
-        model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train)
-    )
+    output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, threads: int = 2, job: TrainJob | None = None,
+    lora: dict | None = None, **train,
+) -> subprocess.Popen:  # fmt: skip
+    """A training job (``job``, or one made of ``train`` and ``lora`` settings) in its own process group, as
+    Snakemake starts it, its ranks sharing ``threads`` CPU threads."""
+    job = job or TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir),
+                          train=TrainConfig(**train), lora=LoraSettings(**(lora or {})))  # fmt: skip
     (output_dir / "train").mkdir(parents=True, exist_ok=True)
     job.save(output_dir / "train" / "job.yaml")
     command = [sys.executable, "-m", "vectorlm.launch", str(output_dir / "train" / "job.yaml"), "--ranks",
-               str(ranks), "--threads", "2", "--log", str(output_dir / "train.log")]  # fmt: skip
+               str(ranks), "--threads", str(threads), "--log", str(output_dir / "train.log")]  # fmt: skip
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

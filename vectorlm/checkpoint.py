@@ -221,7 +221,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self._check_all_succeeded()  # also the barrier after which every rank may write into the directory
-        model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+        model_state, optim_state = _state_dicts(model, optimizer, trainable_only)
         # Only tensors go to DCP: its loader unpickles non-tensor entries without weights_only. The optimizer's
         # param_groups hold nothing that the config does not give again.
         state = {"model": model_state, "optim": optim_state["state"]}
@@ -297,7 +297,7 @@ def load_checkpoint(
     """Loads model and optimizer state (resharded to this run's ranks) and, if asked, this rank's RNG state."""
     start = time.perf_counter()
     options = _options(trainable_only)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    model_state, optim_state = _state_dicts(model, optimizer, trainable_only)
     dcp.load({"model": model_state, "optim": optim_state["state"]}, storage_reader=SafeFileSystemReader(str(path)),
              process_group=group)  # fmt: skip
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
@@ -308,6 +308,14 @@ def load_checkpoint(
 
 def _options(trainable_only: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _state_dicts(model: nn.Module, optimizer: Optimizer, trainable_only: bool) -> tuple[dict, dict]:
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+    if trainable_only:  # torch keeps a frozen weight's second name (a tied LM head: 3.7 GB of fp32 at Gemma-2-9B)
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name not in frozen}
+    return model_state, optim_state
 
 
 def archive_checkpoints(root: Path) -> Path:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from vectorlm.checkpoint import SafeFileSystemReader
+from vectorlm.checkpoint_blocks import CheckpointBlocks
 from vectorlm.config import ExportConfig, LoraSettings, parse_size, read_stage_config, write_stage_config
+from vectorlm.hub_layout import Piece, file_layout, written_pieces
 from vectorlm.lora import ADAPTER_FILES, apply_lora, save_adapter
 from vectorlm.merge import merge_adapter
-from vectorlm.model import build_empty_model, tied_parameter_names
-from vectorlm.shards import DTYPES, INDEX_FILE, read_header, weight_files, write_sharded
+from vectorlm.model import build_empty_model, parameter_shapes
+from vectorlm.shards import DTYPES, INDEX_FILE, read_header, tensor_shapes, weight_files, write_sharded
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,22 @@ def export_dtype(export: ExportConfig, model_config) -> torch.dtype:
 def weight_shapes(model_dir: str | Path, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
     """The shapes of the model's state dict in order (of the model its config describes, built on the meta device),
     without the duplicates of tied weights."""
+    return parameter_shapes(build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code))
+
+
+def base_layout(
+    model_dir: str | Path, *, trust_remote_code: bool = False
+) -> tuple[dict[str, tuple[str, Piece]], torch.nn.Module]:
+    """The tensors an export of the model in ``model_dir`` writes, in the layout of its own safetensors files
+    (per-expert tensors where they have them; :mod:`vectorlm.hub_layout`): file key -> the block of a parameter it
+    is. Returns them, in the parameters' order, and the (meta-device) model."""
     model = build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code)
-    tied = tied_parameter_names(model)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+    params = parameter_shapes(model)
+    layout = file_layout(model, tensor_shapes(weight_files(Path(model_dir))), params)
+    # A fused parameter's pieces expert by expert (gate and up of expert 0, then of expert 1, ...): the order of
+    # its stored chunks (each rank's experts), so that consolidation reads each chunk once.
+    written = {name: sorted(pieces, key=lambda p: p.offsets) for name, pieces in written_pieces(layout, params).items()}
+    return {piece.key: (name, piece) for name, pieces in written.items() for piece in pieces}, model
 
 
 def consolidate(
@@ -77,23 +93,33 @@ def consolidate(
         log.info("consolidated the LoRA adapter: %d tensors, %s parameters", len(tensors),
                  f"{sum(t.numel() for t in tensors.values()):,}")  # fmt: skip
         return {"tensors": len(tensors), "adapter": True, "dtype": str(torch.float32)}
-    names = list(weight_shapes(model_dir, trust_remote_code=trust_remote_code))
+    blocks, model = base_layout(model_dir, trust_remote_code=trust_remote_code)
+    names = list(parameter_shapes(model))
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
-    dtype = export_dtype(export, AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code))
-    shapes = {n: tuple(saved[MODEL_PREFIX + n].size) for n in names}
+    dtype = export_dtype(export, model.config)
+    shapes = {key: piece.file_shape for key, (_, piece) in blocks.items()}
+    fused = {name for name, count in Counter(name for name, _ in blocks.values()).items() if count > 1}
+    chunks = CheckpointBlocks(reader)  # the metadata already read
 
     def load(group: list[str]) -> dict[str, torch.Tensor]:
-        tensors = {n: torch.empty(shapes[n], dtype=saved[MODEL_PREFIX + n].properties.dtype) for n in group}
-        dcp.load({"model": tensors}, storage_reader=reader)
+        whole = {
+            key: (MODEL_PREFIX + blocks[key][0], blocks[key][1].offsets) for key in group if blocks[key][0] not in fused
+        }
+        tensors = chunks.read_whole(whole)  # in one call, as DCP reads them
+        for key in group:
+            if key not in whole:  # one expert's tensor: a block of a fused parameter
+                name, piece = blocks[key]
+                tensors[key] = chunks.block(MODEL_PREFIX + name, piece.offsets, piece.sizes).reshape(piece.file_shape)
         return tensors
 
     index = write_sharded(output_dir, shapes, dtype=dtype, load=load, max_shard_bytes=export.max_shard_bytes)
     write_stage_config(output_dir, settings, upstream=checkpoint)
     total, files = index["metadata"]["total_size"], len(set(index["weight_map"].values()))
-    log.info("consolidated %s tensors, %.1f MB, %s, into %d file(s)", len(names), total / 1e6, dtype, files)
-    return {"tensors": len(names), "bytes": total, "files": files, "dtype": str(dtype)}
+    log.info("consolidated %s weights as %d tensors, %.1f MB, %s, into %d file(s)", len(names), len(shapes),
+             total / 1e6, dtype, files)  # fmt: skip
+    return {"tensors": len(shapes), "bytes": total, "files": files, "dtype": str(dtype)}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -176,10 +202,8 @@ def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> i
         ValueError: naming the first problem found.
     """
     model_dir = Path(model_dir)
-    dtype = export_dtype(
-        ExportConfig(), AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    )
-    expected = weight_shapes(model_dir, trust_remote_code=trust_remote_code)
+    model = build_empty_model(model_dir, attention="eager", trust_remote_code=trust_remote_code)
+    dtype = export_dtype(ExportConfig(), model.config)
     listed = weight_files(model_dir)
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(set(listed.values())):
@@ -189,18 +213,17 @@ def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> i
             if listed.get(name) != path:
                 raise ValueError(f"{model_dir}: {path.name} holds {name}, which {INDEX_FILE} does not map to it")
             found[name] = entry
-    if missing := [name for name in expected if name not in listed]:
-        raise ValueError(f"{model_dir}: {len(missing)} weight(s) of the model are missing, e.g. {missing[:3]}")
     if unwritten := [name for name in listed if name not in found]:
         raise ValueError(f"{model_dir}: {INDEX_FILE} lists {unwritten[:3]}, which its files do not hold")
-    for name, shape in expected.items():
-        entry = found[name]
-        if tuple(entry["shape"]) != shape:
-            raise ValueError(f"{model_dir}: {name} has shape {tuple(entry['shape'])}, the model needs {shape}")
-        written = DTYPES[entry["dtype"]]
+    try:  # every weight, as from_pretrained converts the files' tensors (e.g. per-expert ones) into it
+        used = file_layout(model, {n: tuple(e["shape"]) for n, e in found.items()}, parameter_shapes(model)).file_keys
+    except ValueError as error:
+        raise ValueError(f"{model_dir}: {error}") from error
+    for name in used:
+        written = DTYPES[found[name]["dtype"]]
         if written.is_floating_point and written != dtype:
             raise ValueError(f"{model_dir}: {name} is {written}, but config.json says {dtype}")
-    if extra := sorted(set(found) - set(expected)):
+    if extra := sorted(set(found) - set(used)):
         log.warning("%s holds %d tensor(s) the model does not use (from_pretrained ignores them): %s", model_dir,
                     len(extra), ", ".join(extra[:5]))  # fmt: skip
     AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)

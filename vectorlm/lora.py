@@ -20,19 +20,40 @@ from transformers import PreTrainedModel
 
 from vectorlm.config import ConfigError, LoraSettings
 
+try:  # peft >= 0.19; older versions do not know the fused experts of transformers 5
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+except ImportError:  # pragma: no cover
+    convert_peft_config_for_transformers = None
+
 ADAPTER = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
 
 
-def peft_config(settings: LoraSettings) -> LoraConfig:
+def peft_config(settings: LoraSettings, model: nn.Module | None = None) -> LoraConfig:
+    """peft's config for ``settings``. With ``model``, names in ``lora.target_modules`` that are parameters rather
+    than modules (the fused experts of transformers 5: ``gate_up_proj``, ``down_proj``) go to peft's
+    ``target_parameters``, which is how peft adapts them."""
+    modules, parameters = settings.target_modules, None
+    if model is not None and modules != "all-linear":
+        names = [name for name, _ in model.named_modules()]
+        params = [name for name, _ in model.named_parameters()]
+        fused = [name for name, p in model.named_parameters() if p.dim() == 3]  # experts x out x in
+        parameters = [t for t in modules if _matches(t, fused) or (not _matches(t, names) and _matches(t, params))]
+        modules = [t for t in modules if _matches(t, names) or t not in parameters] or None
+        parameters = parameters or None
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=modules,
+        target_parameters=parameters,
     )
+
+
+def _matches(target: str, names: list[str]) -> bool:
+    return any(n == target or n.endswith("." + target) for n in names)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -40,23 +61,38 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def check_targets(model: nn.Module, settings: LoraSettings) -> None:
-    """A ConfigError naming every target that matches no module, with the linear layers there are."""
-    if settings.target_modules == "all-linear":
-        return
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
+def check_targets(model: PreTrainedModel, settings: LoraSettings) -> None:
+    """A ConfigError naming every target that matches no module or parameter (after peft's own translation of the
+    names of older checkpoints, e.g. Mixtral's ``w1``), with what there is; or naming ``lora.dropout`` when peft
+    would adapt parameters (fused experts, routers), for which it has no dropout."""
+    config = peft_config(settings, model)
+    if convert_peft_config_for_transformers is not None:  # in place, as get_peft_model does to its copy
+        convert_peft_config_for_transformers(config, model, None)
+    parameters = sorted(config.target_parameters or [])
+    if settings.target_modules != "all-linear":
+        names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+        wanted = [*(config.target_modules or []), *parameters]
+        unmatched = {t for t in wanted if not _matches(t, names)}
+        if missing := [t for t in settings.target_modules if t in unmatched]:
+            experts = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() == 3})
+            raise ConfigError(
+                f"lora.target_modules: {', '.join(map(repr, missing))} match no module of the model; its linear "
+                f"layers are: {', '.join(linear_layer_names(model))}"
+                + (f"; its expert parameters: {', '.join(experts)}" if experts else "")
+                + " (or use all-linear)"
+            )
+    if parameters and settings.dropout:
         raise ConfigError(
-            f"lora.target_modules: {', '.join(map(repr, missing))} match no module of the model; its linear layers "
-            f"are: {', '.join(linear_layer_names(model))} (or use all-linear)"
+            f"lora.dropout: {settings.dropout} with lora.target_modules {settings.target_modules!r}, which in "
+            f"{type(model).__name__} adapts the parameters {', '.join(parameters)} (fused experts or routers); peft "
+            "has no dropout for LoRA on parameters: set lora.dropout: 0.0, or name only linear layers"
         )
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings, *, seed: int) -> tuple[PeftModel, dict]:
     """Wraps the (meta-device) ``model`` with LoRA adapters; returns it and the adapters' initial values (CPU)."""
     check_targets(model, settings)
-    peft_model = get_peft_model(model, peft_config(settings))
+    peft_model = get_peft_model(model, peft_config(settings, model))
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     initial = {}

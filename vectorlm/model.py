@@ -26,8 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from vectorlm.attention import model_attention
 from vectorlm.config import LoraSettings, TrainConfig
 from vectorlm.distributed import DistributedEnv, build_mesh
+from vectorlm.hub_layout import Layout, PieceReader, file_layout, load_converted
 from vectorlm.lora import apply_lora, base_weight_name
 from vectorlm.loss import install_loss, resolve_loss
+from vectorlm.shards import tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,29 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return tied
 
 
+def weight_layout(model: PreTrainedModel, model_dir: str | Path) -> Layout:
+    """How the weights of the plain (not yet wrapped or sharded) ``model`` lie in the safetensors files of
+    ``model_dir``, through transformers' conversions (:mod:`vectorlm.hub_layout`)."""
+    try:
+        return file_layout(model, tensor_shapes(weight_files(Path(model_dir))), parameter_shapes(model))
+    except ValueError as error:
+        raise RuntimeError(f"cannot load the weights of {model_dir} into {type(model).__name__}: {error}") from error
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of the model's state dict in order, without the duplicates of tied weights."""
+    tied = tied_parameter_names(model)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+
 def materialize(
-    model: nn.Module, model_dir: str | Path, device: torch.device, *, group: dist.ProcessGroup | None = None
-) -> None:
+    model: nn.Module, model_dir: str | Path, device: torch.device, *, layout: Layout,
+    group: dist.ProcessGroup | None = None, converting_model: PreTrainedModel | None = None,
+) -> None:  # fmt: skip
     """Allocates the (sharded) parameters on ``device`` and fills the base weights from the safetensors files in
-    ``model_dir``; each rank reads only its shards (DCP coordinates the ranks over ``group``). LoRA adapters, if any,
+    ``model_dir`` as ``layout`` places them; each rank reads only the parts of the files its shards cover (DCP
+    coordinates the ranks over ``group``), except for conversions that are not blocks of a parameter, which rank 0
+    reads and scatters (``converting_model`` is the plain model their operations are given). LoRA adapters, if any,
     are left for :mod:`vectorlm.lora`."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)
@@ -117,7 +137,12 @@ def materialize(
     tied = tied_parameter_names(model)
     state = {base_weight_name(k): v for k, v in model.state_dict().items() if k not in tied and base_weight_name(k)}
     try:
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(model_dir)), process_group=group)
+        dcp.load({name: state[name] for name in layout.pieces}, storage_reader=PieceReader(model_dir, layout),
+                 process_group=group)  # fmt: skip
+        if layout.converted:
+            log.info("%d weight group(s) converted on rank 0 and scattered (%s)", len(layout.converted),
+                     ", ".join(str(g.converter.operations) for g in layout.converted[:2]))  # fmt: skip
+            load_converted(converting_model or model, model_dir, layout.converted, state)
     except Exception as error:  # DCP wraps per-rank failures; say which model could not be read.
         raise RuntimeError(f"cannot load the weights of {model_dir} into the model: {error}") from error
 
@@ -193,6 +218,7 @@ def build_model(
     """The model sharded over this rank's mesh, base weights read from ``model_dir``, LoRA adapters (if enabled)
     initialised; returns it and the mesh."""
     model = build_empty_model(model_dir, attention=attention, trust_remote_code=trust_remote_code)
+    plain, layout = model, weight_layout(model, model_dir)
     adapters = None
     if lora.enabled:
         model, adapters = apply_lora(model, lora, seed=train.seed)
@@ -208,7 +234,7 @@ def build_model(
     apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
     start = time.monotonic()
     log.info("reading this rank's shards of the weights of %s", model_dir)
-    materialize(model, model_dir, env.device, group=env.checkpoint_group)
+    materialize(model, model_dir, env.device, layout=layout, group=env.checkpoint_group, converting_model=plain)
     log.info("weights read in %.1f s", time.monotonic() - start)
     if adapters is not None:  # scatter the adapters' initial values (drawn once, on CPU) to the shards
         set_model_state_dict(model, adapters, options=StateDictOptions(full_state_dict=True, strict=False))

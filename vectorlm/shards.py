@@ -126,6 +126,18 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name in files}
 
 
+def read_rows(f, entry: dict[str, Any], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (along the first dimension) of the tensor of header ``entry`` in the open file ``f``:
+    contiguous bytes, read into memory of their own (a 0-d tensor is one row)."""
+    shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    tensor = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=dtype)
+    f.seek(entry["range"][0] + start * row_bytes)
+    if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != tensor.numel() * dtype.itemsize:
+        raise ValueError(f"{f.name}: a tensor is truncated")
+    return tensor
+
+
 def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
     """The tensors ``names``, each read from its file (``files``) into memory of its own; each file opened once."""
     tensors = {}

@@ -1,0 +1,290 @@
+"""Where a model's parameters lie in its Hugging Face safetensors files, as transformers' own conversion mapping says.
+
+transformers 5 holds some weights in another form in the model than in the files: the experts of a mixture-of-experts
+layer are one 3-D parameter in the model (``mlp.experts.gate_up_proj``, experts x (gate + up) x hidden) and one
+tensor per expert and projection in the files (``mlp.experts.3.gate_proj.weight``), and older checkpoints use older
+names (Mixtral's ``block_sparse_moe.experts.3.w1.weight``). ``from_pretrained`` converts between them with the
+renamings and converters of ``transformers.conversion_mapping``. Nothing here is written per architecture: the same
+mapping is read and its merges (stacking experts) and concatenations (gate beside up) are expressed as *pieces*: each
+file tensor is a block of one parameter at known offsets. Then:
+
+- :class:`PieceReader` lets DCP read, on each rank, only the pieces its FSDP2 shards cover: 1/N of the experts.
+- :func:`written_pieces` gives consolidation and merging the base model's own layout to write (per-expert tensors
+  where the base checkpoint has them), which ``from_pretrained`` loads as it loads the base.
+- Conversions that are not blocks of a parameter (transposes, interleavings, splits of one file tensor into several
+  parameters, dequantisation) are loaded by :func:`load_converted`: one rank reads the group's file tensors and
+  converts them with transformers' own operations, and the shards are scattered from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import defaultdict
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+)
+
+from vectorlm.shards import DTYPES, read_header, read_rows, weight_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One tensor of the files as a block of a model parameter."""
+
+    key: str  # its name in the files
+    offsets: tuple[int, ...]  # where the block starts in the parameter
+    sizes: tuple[int, ...]  # the block's extent (1 along stacked_dim)
+    stacked_dim: int | None = None  # the parameter's dimension that the file tensor lacks (the expert index)
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        return tuple(n for d, n in enumerate(self.sizes) if d != self.stacked_dim)
+
+
+@dataclasses.dataclass
+class Converted:
+    """File tensors that transformers turns into parameters by operations that are not blocks (loaded whole)."""
+
+    converter: WeightConverter
+    layer_name: str  # the first target, as transformers' loader names the group
+    sources: dict[str, str]  # file key -> the converter's source pattern it matched
+    targets: list[str]  # the parameters it produces
+
+
+@dataclasses.dataclass
+class Layout:
+    pieces: dict[str, list[Piece]]  # parameter -> the file tensors it is made of
+    converted: list[Converted]
+
+    @property
+    def file_keys(self) -> list[str]:
+        """Every file tensor the model reads, in the parameters' order."""
+        keys = [piece.key for pieces in self.pieces.values() for piece in pieces]
+        return keys + [key for group in self.converted for key in group.sources]
+
+
+def _mapping(model: torch.nn.Module) -> tuple[list[WeightRenaming], list[WeightConverter]]:
+    mapping = get_model_conversion_mapping(model)  # with the legacy renamings, as from_pretrained
+    return ([m for m in mapping if isinstance(m, WeightRenaming)],
+            [m for m in mapping if isinstance(m, WeightConverter)])  # fmt: skip
+
+
+def _blocks(
+    converter: WeightConverter, keys: dict[str, list[str]], shapes: dict[str, tuple[int, ...]], name: str,
+    target: tuple[int, ...],
+) -> list[Piece] | None:  # fmt: skip
+    """The pieces of a converter that stacks (MergeModulelist) and/or concatenates file tensors into the parameter
+    ``name`` of shape ``target``; None for any other conversion; a ValueError when they do not fill it."""
+    ops = [type(op) for op in converter.operations]
+    if (
+        ops not in ([MergeModulelist], [Concatenate], [MergeModulelist, Concatenate])
+        or len(converter.target_patterns) != 1
+    ):
+        return None
+    stacked = converter.operations[0].dim % len(target) if ops[0] is MergeModulelist else None
+    cat = converter.operations[-1].dim % len(target) if ops[-1] is Concatenate else None
+    if stacked is not None and stacked == cat:  # experts concatenated along the stacking dimension: not blocks here
+        return None
+    if cat is None and len(keys) != 1:
+        return None
+    pieces, cat_offset = [], 0
+    for pattern in converter.source_patterns:
+        group = keys.get(pattern, [])
+        if stacked is None and len(group) != 1:
+            return None
+        extent = 0
+        for index, key in enumerate(group):
+            sizes, offsets = list(shapes[key]), [0] * len(shapes[key])
+            if stacked is not None:
+                sizes.insert(stacked, 1)
+                offsets.insert(stacked, index)
+            if cat is not None:
+                offsets[cat] += cat_offset
+                extent = sizes[cat]
+            pieces.append(Piece(key, tuple(offsets), tuple(sizes), stacked))
+        cat_offset += extent
+    covered = sum(math.prod(p.sizes) for p in pieces)
+    ends = [max(p.offsets[d] + p.sizes[d] for p in pieces) for d in range(len(target))] if pieces else []
+    if covered != math.prod(target) or tuple(ends) != tuple(target):
+        raise ValueError(f"{name} is made of {len(pieces)} tensors of the files (e.g. {pieces[0].key}) that hold "
+                         f"{covered:,} of its {math.prod(target):,} values")  # fmt: skip
+    return pieces
+
+
+def file_layout(
+    model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], params: dict[str, tuple[int, ...]],
+    *, blocks: bool = True,
+) -> Layout:  # fmt: skip
+    """How the parameters ``params`` (name -> shape, names as in the plain transformers model) of ``model`` are made
+    of the file tensors ``shapes``, as ``from_pretrained`` would load them. With ``blocks=False`` every conversion is
+    left to :func:`load_converted`, even stacking and concatenating.
+
+    Raises:
+        ValueError: naming parameters that no file tensor provides, or a file tensor of the wrong shape.
+    """
+    if quantization := getattr(model.config, "quantization_config", None):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise ValueError(f"the checkpoint is quantized ({method}); training reads unquantized weights (bf16, fp16 or "
+                         "fp32): use the unquantized model")  # fmt: skip
+    renamings, converters = _mapping(model)
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    meta = dict(params)
+    pieces: dict[str, list[Piece]] = {}
+    groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key in sorted(shapes, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if target not in meta and key in meta:  # as transformers' loader: the plain name when the renamed one misses
+            target, pattern = key, None
+        if target not in meta:
+            continue
+        if pattern is None:
+            if tuple(shapes[key]) != meta[target]:
+                needs = "the model needs" if key == target else f"the model's {target} needs"
+                raise ValueError(f"{key} has shape {tuple(shapes[key])}, {needs} {meta[target]}")
+            pieces[target] = [Piece(key, (0,) * len(shapes[key]), tuple(shapes[key]))]
+        else:
+            groups[target][pattern].append(key)
+    converted = []
+    for target, keys in groups.items():
+        converter = by_pattern[next(iter(keys))]
+        made = _blocks(converter, keys, shapes, target, meta[target]) if blocks else None
+        if made is not None:
+            pieces[target] = made
+            continue
+        sources = {key: pattern for pattern, group in keys.items() for key in group}
+        outputs = [target.replace(converter.target_patterns[0], t) for t in converter.target_patterns]
+        converted.append(Converted(deepcopy(converter), target, sources, outputs))
+    provided = set(pieces) | {t for group in converted for t in group.targets}
+    if missing := [name for name in params if name not in provided]:
+        raise ValueError(f"{len(missing)} weight(s) of the model are missing, e.g. {missing[:3]}")
+    return Layout({name: pieces[name] for name in params if name in pieces}, converted)
+
+
+def written_pieces(layout: Layout, params: dict[str, tuple[int, ...]]) -> dict[str, list[Piece]]:
+    """What an export writes for each parameter, in the files' layout that ``layout`` describes: its pieces, or for a
+    parameter that transformers converts otherwise, the whole of it under its own name (which ``from_pretrained``
+    loads as it is)."""
+    converted = {name for group in layout.converted for name in group.targets}
+    if converted:
+        log.warning("%d weight(s) written under the model's own names (transformers converts them with %s), e.g. %s",
+                    len(converted), layout.converted[0].converter.operations, sorted(converted)[:3])  # fmt: skip
+    return {name: layout.pieces.get(name) or [Piece(name, (0,) * len(shape), shape)] for name, shape in params.items()}
+
+
+def piece_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The block ``piece`` of a (full) parameter, shaped as in the files."""
+    block = tensor[tuple(slice(o, o + n) for o, n in zip(piece.offsets, piece.sizes, strict=True))]
+    return block.reshape(piece.file_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    relative_path: str
+    key: str
+    stacked_dim: int | None
+
+
+class PieceReader(HuggingFaceStorageReader):
+    """DCP's reader of Hugging Face safetensors, presenting each parameter as one tensor whose stored chunks are its
+    pieces: DCP's planner then reads on each rank only the pieces (and the parts of them) that its shards cover."""
+
+    def __init__(self, path: str | Path, layout: Layout) -> None:
+        super().__init__(str(path))
+        self.layout = layout
+
+    def read_metadata(self) -> Metadata:
+        files = weight_files(Path(self.path))
+        headers = {path: read_header(path) for path in sorted(set(files.values()))}
+        tensors: dict[str, TensorStorageMetadata] = {}
+        storage: dict[MetadataIndex, _Stored] = {}
+        for name, pieces in self.layout.pieces.items():
+            dtype = DTYPES[headers[files[pieces[0].key]][pieces[0].key]["dtype"]]
+            size = torch.Size(max(p.offsets[d] + p.sizes[d] for p in pieces) for d in range(len(pieces[0].sizes)))
+            chunks = [ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes)) for p in pieces]
+            tensors[name] = TensorStorageMetadata(TensorProperties(dtype=dtype), size, chunks)
+            for p in pieces:
+                storage[MetadataIndex(name, p.offsets)] = _Stored(files[p.key].name, p.key, p.stacked_dim)
+        metadata = Metadata(state_dict_metadata=tensors, storage_data=storage)
+        metadata.storage_meta = StorageMeta(load_id=self.load_id)
+        return metadata
+
+    def read_data(self, plan, planner):
+        """Reads each request's rows of its file tensor with plain reads, not safetensors' memory map, whose touched
+        pages would count as this rank's memory until the file is closed (FSDP2 shards the first dimension, so a
+        rank's part of a tensor is a range of rows)."""
+        per_file = defaultdict(list)
+        for request in plan.items:
+            per_file[self.storage_data[request.storage_index].relative_path].append(request)
+        for file_name, requests in per_file.items():
+            path = Path(self.path) / file_name
+            header = read_header(path)
+            with open(path, "rb") as f:
+                for request in requests:
+                    stored = self.storage_data[request.storage_index]
+                    slices = [slice(o, o + n) for o, n in zip(request.storage_offsets, request.lengths, strict=True)]
+                    if stored.stacked_dim is not None:
+                        del slices[stored.stacked_dim]
+                    entry = header[stored.key]
+                    if slices:  # a range of rows, then the part of each row
+                        block = read_rows(f, entry, slices[0].start, slices[0].stop)[(slice(None), *slices[1:])]
+                    else:  # a 0-d tensor
+                        block = read_rows(f, entry, 0, 1)
+                    target = planner.resolve_tensor(request).detach()
+                    target.copy_(block.reshape(request.lengths))
+                    planner.commit_tensor(request, target)
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
+
+
+def load_converted(model: torch.nn.Module, model_dir: str | Path, groups: list[Converted], state: dict) -> None:
+    """Fills the parameters of ``groups`` in ``state`` (full tensors, or FSDP2's DTensor shards): rank 0 reads the
+    group's file tensors and converts them with transformers' own operations, then each parameter is scattered from
+    it. Memory: on rank 0, one group's file tensors and converted parameters in host memory (e.g. a layer's experts,
+    twice); on every rank, each converted parameter whole on its device while it is scattered."""
+    files = weight_files(Path(model_dir))
+    reads = not dist.is_initialized() or dist.get_rank() == 0
+    for converted in groups:
+        outputs = {}
+        if reads:
+            converter = deepcopy(converted.converter)
+            for key, pattern in converted.sources.items():
+                with safe_open(str(files[key]), framework="pt") as f:
+                    converter.add_tensor(converted.layer_name, key, pattern, f.get_tensor(key))
+            outputs = converter.convert(converted.layer_name, model=model, config=model.config)
+        for target in converted.targets:
+            param = state[target]
+            full = outputs[target] if reads else torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            full = (full[0] if isinstance(full, list) else full).to(param.device, param.dtype)
+            with torch.no_grad():
+                if isinstance(param, DTensor):
+                    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
+                    param.to_local().copy_(shard.to_local())
+                else:
+                    param.copy_(full)
