@@ -10,7 +10,8 @@ rule consolidate:
     params:
         export=get_consolidate_params(),
         trust_remote_code=CFG.trust_remote_code,
-        fingerprint=fingerprint("consolidate.py", model=["files"]),
+        # It writes the base checkpoint's own layout: it reads the names and shapes in the weights' files.
+        fingerprint=fingerprint("consolidate.py", model=["files", "weights"]),
     script:
         "../workflow_scripts/consolidate.py"
 
@@ -28,7 +29,7 @@ rule convert_hf:
     params:
         export=get_convert_params(),
         trust_remote_code=CFG.trust_remote_code,
-        # The merge of a LoRA adapter reads the base weights; a full fine-tune's export does not.
+        # The merge of a LoRA adapter reads the base weights; a full fine-tune's export copies consolidate's.
         fingerprint=fingerprint(
             "convert_hf.py",
             model=["files", "weights"] if CFG.lora.enabled else ["files"],

@@ -104,8 +104,16 @@ def test_a_file_tensor_of_the_wrong_shape_is_named(moe_models):
     del files["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
     with pytest.raises(
         ValueError,
-        match=r"model.layers.0.mlp.experts.gate_up_proj is made of 7 tensors of the files "
-        r"\(e.g. .*\) that hold 3,584 of its 4,096 values",
+        match=r"model.layers.0.mlp.experts.gate_up_proj \(shape \(4, 32, 32\)\) is made of 7 "
+        r"tensors of the files that do not tile it, e.g. ",
+    ):
+        hub_layout.file_layout(model, files, parameter_shapes(model))  # fmt: skip
+    files = tensor_shapes(weight_files(moe_models["mixtral"]))
+    files["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = (16, 32)  # transposed: as many values, not a block
+    with pytest.raises(
+        ValueError,
+        match=r"experts.down_proj \(shape \(4, 32, 16\)\) is made of 4 tensors of the "
+        r"files that do not tile it",
     ):
         hub_layout.file_layout(model, files, parameter_shapes(model))  # fmt: skip
     files = tensor_shapes(weight_files(moe_models["mixtral"]))
@@ -133,6 +141,8 @@ def test_lora_targets_on_mixture_of_experts_models(moe_models, name):
     assert adapted(dropout=0.0, target_modules=("q_proj", "gate_up_proj")) == ["mlp.experts", "self_attn.q_proj"]
     legacy = ("w1", "w3", "w2") if name == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     assert adapted(dropout=0.0, target_modules=legacy) == ["mlp.experts", "mlp.experts.base_layer"]
+    with pytest.raises(ConfigError, match=r"lora.target_modules: Cannot convert PEFT target\(s\) \w+ without also"):
+        adapted(dropout=0.0, target_modules=legacy[:1])  # gate without up: peft fuses them into one parameter
     with pytest.raises(
         ConfigError,
         match=r"'nope' match no module of the model; its linear layers are: k_proj, "
@@ -154,3 +164,20 @@ def test_a_name_of_a_linear_layer_and_of_fused_experts_adapts_both(tmp_path, tin
                             LoraSettings(enabled=True, dropout=0.0, target_modules=("down_proj",)), seed=0)  # fmt: skip
     adapted = sorted({k.split("layers.0.")[1].split(".lora_")[0] for k in initial})
     assert adapted == ["mlp.experts", "mlp.shared_expert.down_proj"]
+
+
+def test_linear_layers_that_peft_would_leave_out_are_refused(tmp_path):
+    """Qwen3-MoE with a dense first layer: peft translates down_proj to the fused experts and would leave the dense
+    layer's down_proj without an adapter, silently."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])  # fmt: skip
+    config.save_pretrained(tmp_path)
+    for targets in ("all-linear", ("down_proj",)):
+        with pytest.raises(
+            ConfigError, match=r"peft adapts none of model.layers.0.mlp.\w+_proj.*which .* names in Qwen3MoeForCausalLM"
+        ):
+            apply_lora(build_empty_model(tmp_path, attention="eager"),
+                       LoraSettings(enabled=True, dropout=0.0, target_modules=targets), seed=0)  # fmt: skip

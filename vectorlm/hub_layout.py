@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections import defaultdict
 from copy import deepcopy
 from pathlib import Path
@@ -113,6 +112,9 @@ def _blocks(
         return None
     if cat is None and len(keys) != 1:
         return None
+    rank = len(target) - (stacked is not None)
+    if any(len(shapes[key]) != rank for group in keys.values() for key in group):
+        return _refuse(name, keys, shapes, target)
     pieces, cat_offset = [], 0
     for pattern in converter.source_patterns:
         group = keys.get(pattern, [])
@@ -129,12 +131,21 @@ def _blocks(
                 extent = sizes[cat]
             pieces.append(Piece(key, tuple(offsets), tuple(sizes), stacked))
         cat_offset += extent
-    covered = sum(math.prod(p.sizes) for p in pieces)
-    ends = [max(p.offsets[d] + p.sizes[d] for p in pieces) for d in range(len(target))] if pieces else []
-    if covered != math.prod(target) or tuple(ends) != tuple(target):
-        raise ValueError(f"{name} is made of {len(pieces)} tensors of the files (e.g. {pieces[0].key}) that hold "
-                         f"{covered:,} of its {math.prod(target):,} values")  # fmt: skip
+    # The pieces must tile the parameter: one tensor per expert, of one shape per pattern, the concatenated extents
+    # adding up, every other dimension whole. from_pretrained refuses anything else (a transposed expert tensor).
+    fits = all(len({shapes[key] for key in group}) == 1 for group in keys.values())
+    fits = fits and all(p.sizes[d] == target[d] for p in pieces for d in range(len(target)) if d not in (stacked, cat))
+    fits = fits and (stacked is None or all(len(group) == target[stacked] for group in keys.values()))
+    fits = fits and (cat is None or cat_offset == target[cat])
+    if not fits:
+        return _refuse(name, keys, shapes, target)
     return pieces
+
+
+def _refuse(name: str, keys: dict[str, list[str]], shapes: dict[str, tuple[int, ...]], target: tuple[int, ...]):
+    found = [key for group in keys.values() for key in group]
+    raise ValueError(f"{name} (shape {target}) is made of {len(found)} tensors of the files that do not tile it, e.g. "
+                     f"{found[0]} of shape {shapes[found[0]]}")  # fmt: skip
 
 
 def file_layout(
@@ -229,7 +240,8 @@ class PieceReader(HuggingFaceStorageReader):
             chunks = [ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes)) for p in pieces]
             tensors[name] = TensorStorageMetadata(TensorProperties(dtype=dtype), size, chunks)
             for p in pieces:
-                storage[MetadataIndex(name, p.offsets)] = _Stored(files[p.key].name, p.key, p.stacked_dim)
+                relative = str(files[p.key].relative_to(self.path))  # index entries may name subdirectories
+                storage[MetadataIndex(name, p.offsets)] = _Stored(relative, p.key, p.stacked_dim)
         metadata = Metadata(state_dict_metadata=tensors, storage_data=storage)
         metadata.storage_meta = StorageMeta(load_id=self.load_id)
         return metadata

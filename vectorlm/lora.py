@@ -17,6 +17,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from vectorlm.config import ConfigError, LoraSettings
 
@@ -52,6 +53,27 @@ def peft_config(settings: LoraSettings, model: nn.Module | None = None) -> LoraC
     )
 
 
+def wanted_layers(model: PreTrainedModel, settings: LoraSettings) -> list[str]:
+    """The linear layers and fused expert parameters that ``lora.target_modules`` names (for ``all-linear``: every
+    linear layer but the output head), by their full names."""
+    output = model.get_output_embeddings()
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and m is not output]
+    if settings.target_modules == "all-linear":
+        return linear
+    fused = [name for name, p in model.named_parameters() if p.dim() == 3]
+    return [name for name in linear + fused if any(_matches(t, [name]) for t in settings.target_modules)]
+
+
+def adapted_weights(peft_model: PeftModel) -> set[str]:
+    """The full names (in the plain model) of the layers and parameters that got adapters."""
+    adapted = set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))
+            adapted.add(f"{base}.{module.parameter_name}" if hasattr(module, "parameter_name") else base)
+    return adapted
+
+
 def _matches(target: str, names: list[str]) -> bool:
     return any(n == target or n.endswith("." + target) for n in names)
 
@@ -67,7 +89,10 @@ def check_targets(model: PreTrainedModel, settings: LoraSettings) -> None:
     would adapt parameters (fused experts, routers), for which it has no dropout."""
     config = peft_config(settings, model)
     if convert_peft_config_for_transformers is not None:  # in place, as get_peft_model does to its copy
-        convert_peft_config_for_transformers(config, model, None)
+        try:
+            convert_peft_config_for_transformers(config, model, None)
+        except ValueError as error:  # e.g. Mixtral's w1 without w3, which peft fuses into one parameter
+            raise ConfigError(f"lora.target_modules: {error}") from error
     parameters = sorted(config.target_parameters or [])
     if settings.target_modules != "all-linear":
         names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
@@ -92,7 +117,15 @@ def check_targets(model: PreTrainedModel, settings: LoraSettings) -> None:
 def apply_lora(model: PreTrainedModel, settings: LoraSettings, *, seed: int) -> tuple[PeftModel, dict]:
     """Wraps the (meta-device) ``model`` with LoRA adapters; returns it and the adapters' initial values (CPU)."""
     check_targets(model, settings)
+    wanted = wanted_layers(model, settings)
     peft_model = get_peft_model(model, peft_config(settings, model))
+    if missed := [name for name in wanted if name not in adapted_weights(peft_model)]:
+        raise ConfigError(
+            f"lora.target_modules: peft adapts none of {', '.join(missed[:3])} ({len(missed)} in all), which "
+            f"{settings.target_modules!r} names in {type(model).__name__}: for this architecture peft translates these "
+            "names (those of the per-expert layers of older checkpoints) to the fused experts; layers of the same name "
+            "outside the experts (dense layers, shared experts) cannot get adapters here"
+        )
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     initial = {}
