@@ -96,30 +96,31 @@ def test_a_parameter_converted_otherwise_is_written_whole_under_its_own_name():
 
 def test_a_file_tensor_of_the_wrong_shape_is_named(moe_models):
     model = build_empty_model(moe_models["mixtral"], attention="eager")
-    files = tensor_shapes(weight_files(moe_models["mixtral"]))
-    files["model.norm.weight"] = (31,)
-    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(31,\), the model needs \(32,\)"):
-        hub_layout.file_layout(model, files, parameter_shapes(model))
-    files["model.norm.weight"] = (32,)
-    del files["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
-    with pytest.raises(
-        ValueError,
-        match=r"model.layers.0.mlp.experts.gate_up_proj \(shape \(4, 32, 32\)\) is made of 7 "
-        r"tensors of the files that do not tile it, e.g. ",
-    ):
-        hub_layout.file_layout(model, files, parameter_shapes(model))  # fmt: skip
-    files = tensor_shapes(weight_files(moe_models["mixtral"]))
-    files["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = (16, 32)  # transposed: as many values, not a block
-    with pytest.raises(
-        ValueError,
-        match=r"experts.down_proj \(shape \(4, 32, 16\)\) is made of 4 tensors of the "
-        r"files that do not tile it",
-    ):
-        hub_layout.file_layout(model, files, parameter_shapes(model))  # fmt: skip
-    files = tensor_shapes(weight_files(moe_models["mixtral"]))
-    del files["model.norm.weight"]
-    with pytest.raises(ValueError, match=r"1 weight\(s\) of the model are missing, e.g. \['model.norm.weight'\]"):
-        hub_layout.file_layout(model, files, parameter_shapes(model))
+    experts = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"
+
+    def reshaped(files):
+        files["model.norm.weight"] = (31,)
+
+    def an_expert_missing(files):
+        del files[experts.format(0, 2, "w1")]
+
+    def an_expert_transposed(files):  # as many values, not a block
+        files[experts.format(1, 3, "w2")] = (16, 32)
+
+    def a_weight_missing(files):
+        del files["model.norm.weight"]
+
+    cases = [(reshaped, r"model.norm.weight has shape \(31,\), the model needs \(32,\)"),
+             (an_expert_missing, (r"model.layers.0.mlp.experts.gate_up_proj \(shape \(4, 32, 32\)\) is made of 7 "
+                                  r"tensors of the files that do not tile it, e.g. ")),
+             (an_expert_transposed, (r"experts.down_proj \(shape \(4, 32, 16\)\) is made of 4 tensors of the files "
+                                     r"that do not tile it")),
+             (a_weight_missing, r"1 weight\(s\) of the model are missing, e.g. \['model.norm.weight'\]")]  # fmt: skip
+    for edit, message in cases:
+        files = tensor_shapes(weight_files(moe_models["mixtral"]))
+        edit(files)
+        with pytest.raises(ValueError, match=message):
+            hub_layout.file_layout(model, files, parameter_shapes(model))
 
 
 @pytest.mark.parametrize("name", MOE)

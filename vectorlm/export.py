@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from vectorlm.checkpoint import SafeFileSystemReader
 from vectorlm.checkpoint_blocks import CheckpointBlocks
 from vectorlm.config import ExportConfig, LoraSettings, parse_size, read_stage_config, write_stage_config
-from vectorlm.hub_layout import Piece, file_layout, written_pieces
+from vectorlm.hub_layout import Piece, by_key, file_layout, written_pieces
 from vectorlm.lora import ADAPTER_FILES, apply_lora, save_adapter
 from vectorlm.merge import merge_adapter
 from vectorlm.model import build_empty_model, parameter_shapes
@@ -60,7 +60,7 @@ def base_layout(
     # A fused parameter's pieces expert by expert (gate and up of expert 0, then of expert 1, ...): the order of
     # its stored chunks (each rank's experts), so that consolidation reads each chunk once.
     written = {name: sorted(pieces, key=lambda p: p.offsets) for name, pieces in written_pieces(layout, params).items()}
-    return {piece.key: (name, piece) for name, pieces in written.items() for piece in pieces}, model
+    return by_key(written), model
 
 
 def consolidate(

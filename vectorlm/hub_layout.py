@@ -208,6 +208,11 @@ def written_pieces(layout: Layout, params: dict[str, tuple[int, ...]]) -> dict[s
     return {name: layout.pieces.get(name) or [Piece(name, (0,) * len(shape), shape)] for name, shape in params.items()}
 
 
+def by_key(pieces: dict[str, list[Piece]]) -> dict[str, tuple[str, Piece]]:
+    """File key -> (parameter, piece), in the order of ``pieces``."""
+    return {piece.key: (name, piece) for name, group in pieces.items() for piece in group}
+
+
 def piece_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
     """The block ``piece`` of a (full) parameter, shaped as in the files."""
     block = tensor[tuple(slice(o, o + n) for o, n in zip(piece.offsets, piece.sizes, strict=True))]
@@ -262,11 +267,11 @@ class PieceReader(HuggingFaceStorageReader):
                     slices = [slice(o, o + n) for o, n in zip(request.storage_offsets, request.lengths, strict=True)]
                     if stored.stacked_dim is not None:
                         del slices[stored.stacked_dim]
-                    entry = header[stored.key]
                     if slices:  # a range of rows, then the part of each row
-                        block = read_rows(f, entry, slices[0].start, slices[0].stop)[(slice(None), *slices[1:])]
+                        rows = read_rows(f, header, stored.key, slices[0].start, slices[0].stop)
+                        block = rows[(slice(None), *slices[1:])]
                     else:  # a 0-d tensor
-                        block = read_rows(f, entry, 0, 1)
+                        block = read_rows(f, header, stored.key)
                     target = planner.resolve_tensor(request).detach()
                     target.copy_(block.reshape(request.lengths))
                     planner.commit_tensor(request, target)

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
 
-from vectorlm.hub_layout import file_layout, piece_of
+from vectorlm.hub_layout import by_key, file_layout, piece_of
 from vectorlm.lora import ADAPTER, ADAPTER_WEIGHTS, base_weight_name
 from vectorlm.model import build_empty_model, parameter_shapes
 from vectorlm.shards import read_tensors, tensor_shapes, weight_files, write_sharded
@@ -85,7 +85,7 @@ def merge_adapter(
     if result.unexpected_keys or missing:
         raise ValueError(f"{adapter_dir}: the adapter does not fit {model_dir} (unexpected: "
                          f"{result.unexpected_keys[:3]}, missing: {missing[:3]})")  # fmt: skip
-    pieces = {piece.key: (name, piece) for name, group in layout.pieces.items() for piece in group}
+    pieces = by_key(layout.pieces)
     # The files' tensors in the parameters' order, so that the pieces of one (fused) parameter come one after another
     # and its update is computed once; then what the model does not read, as it is.
     read = set(layout.file_keys)

@@ -126,15 +126,17 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name in files}
 
 
-def read_rows(f, entry: dict[str, Any], start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` (along the first dimension) of the tensor of header ``entry`` in the open file ``f``:
-    contiguous bytes, read into memory of their own (a 0-d tensor is one row)."""
+def read_rows(f, header: dict[str, dict[str, Any]], name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` (along the first dimension; all of them by default) of the tensor ``name`` of the open file
+    ``f`` whose ``header`` is given: contiguous bytes, read into memory of their own (a 0-d tensor is one row)."""
+    entry = header[name]
     shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+    stop = (shape[0] if shape else 1) if stop is None else stop
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
     tensor = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=dtype)
     f.seek(entry["range"][0] + start * row_bytes)
     if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != tensor.numel() * dtype.itemsize:
-        raise ValueError(f"{f.name}: a tensor is truncated")
+        raise ValueError(f"{f.name}: tensor {name} is truncated")
     return tensor
 
 
@@ -145,11 +147,5 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
         with open(path, "rb") as f:
             header = _header(f)
             for name in (n for n in names if files[n] == path):
-                entry = header[name]
-                tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
-                start, end = entry["range"]
-                f.seek(start)
-                if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - start:
-                    raise ValueError(f"{path}: tensor {name} is truncated")
-                tensors[name] = tensor
+                tensors[name] = read_rows(f, header, name)
     return {name: tensors[name] for name in names}
