@@ -26,10 +26,12 @@ from tests.conftest import run_on_ranks
 def save_both_ways(env, model_dir: Path, root: Path, saves: int) -> None:
     import torch
 
-    from vectorlm.checkpoint import Checkpointer
     from vectorlm.config import LoraSettings, TrainConfig
-    from vectorlm.model import build_model
-    from vectorlm.step import build_optimizer
+    from vectorlm.data.loader import DataPosition
+    from vectorlm.train.checkpoint import Checkpointer
+    from vectorlm.train.model import build_model
+    from vectorlm.train.step import build_optimizer
+    from vectorlm.train.train_state import TrainState
 
     cfg = TrainConfig()
     model, _ = build_model(model_dir, env, train=cfg, lora=LoraSettings(), attention="sdpa")
@@ -42,9 +44,10 @@ def save_both_ways(env, model_dir: Path, root: Path, saves: int) -> None:
         held, complete = [], []
         for number in range(saves):
             start = time.perf_counter()
+            state = TrainState(step=number, world_size=env.world_size, data=DataPosition(), eval_losses={})
             held.append(checkpointer.save(root / f"async{asynchronous}" / f"step_{number}", model=model,
-                                          optimizer=optimizer, train_state={"step": number}, settings={},
-                                          upstream=root, keep=1))  # fmt: skip
+                                          optimizer=optimizer, train_state=state, settings={}, upstream=root,
+                                          keep=1))  # fmt: skip
             checkpointer.wait()
             complete.append(time.perf_counter() - start)
         checkpointer.close()
@@ -59,7 +62,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--saves", type=int, default=3)
     args = parser.parse_args()
-    from vectorlm.example import build_example_model
+    from vectorlm.example.tiny_llama import build_example_model
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp).resolve()

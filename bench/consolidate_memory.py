@@ -20,7 +20,7 @@ from pathlib import Path
 CHILD = """
 import sys, resource
 from vectorlm.config import ExportConfig
-from vectorlm.export import consolidate, weight_shapes
+from vectorlm.export.consolidate import consolidate, weight_shapes
 if sys.argv[1] == "baseline":
     weight_shapes(sys.argv[3])
 else:
@@ -41,23 +41,28 @@ def write_checkpoint(root: Path, *, hidden: int, layers: int, vocab: int) -> tup
     script = f"""
 import torch, torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
-from vectorlm.distributed import init_distributed, build_mesh
-from vectorlm.model import build_empty_model, apply_fsdp, materialize, weight_layout
-from vectorlm.step import build_optimizer
+from vectorlm.train.distributed import init_distributed, build_mesh
+from vectorlm.hub.meta_model import build_empty_model
+from vectorlm.train.base_weights import materialize, weight_layout
+from vectorlm.train.model import apply_fsdp
+from vectorlm.train.step import build_optimizer
 from vectorlm.config import TrainConfig
-from vectorlm.checkpoint import Checkpointer
+from vectorlm.train.checkpoint import Checkpointer
+from vectorlm.train.train_state import TrainState
+from vectorlm.data.loader import DataPosition
 config = LlamaConfig(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={hidden * 8 // 3 // 8 * 8},
                      num_hidden_layers={layers}, num_attention_heads={hidden // 64}, num_key_value_heads={hidden // 64})
 LlamaForCausalLM(config).save_pretrained("{root}/model")
 env = init_distributed()
-model = build_empty_model("{root}/model", attention="sdpa")
+model = build_empty_model("{root}/model", attn_implementation="sdpa")
 layout = weight_layout(model, "{root}/model")
 apply_fsdp(model, build_mesh(env, "full"), mixed_precision=False)
 materialize(model, "{root}/model", env.device, layout=layout)
 optimizer = build_optimizer(model, TrainConfig())
 checkpointer = Checkpointer(group=None, asynchronous=False, device=env.device)
-checkpointer.save(__import__("pathlib").Path("{root}/ckpt"), model=model, optimizer=optimizer,
-                  train_state={{"step": 1}}, settings={{}}, upstream="{root}", keep=1)
+state = TrainState(step=1, world_size=1, data=DataPosition(), eval_losses={{}})
+checkpointer.save(__import__("pathlib").Path("{root}/ckpt"), model=model, optimizer=optimizer, train_state=state,
+                  settings={{}}, upstream="{root}", keep=1)
 checkpointer.close()
 print("parameters:", sum(p.numel() for p in model.parameters()))
 dist.destroy_process_group()

@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vectorlm.export
-from vectorlm.checkpoint import SafeFileSystemReader, read_metadata_file
+import vectorlm.export.consolidate
 from vectorlm.config import ExportConfig
+from vectorlm.train.checkpoint_reader import SafeFileSystemReader, read_metadata_file
 
 warnings.filterwarnings("ignore")
 
@@ -107,7 +107,9 @@ class RereadingReader(SafeFileSystemReader):
 def consolidate_seconds(checkpoint: Path, model_dir: Path, out: Path) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    stats = vectorlm.export.consolidate(checkpoint, model_dir=model_dir, output_dir=out, export=ExportConfig())
+    stats = vectorlm.export.consolidate.consolidate(
+        checkpoint, model_dir=model_dir, output_dir=out, export=ExportConfig()
+    )
     return time.perf_counter() - start, stats
 
 
@@ -139,10 +141,10 @@ def main() -> None:
                    "metadata_mb": (checkpoint / ".metadata").stat().st_size / 1e6, "one_read": one_read,
                    "write_seconds": written}  # fmt: skip
             if number == 0:
-                vectorlm.export.SafeFileSystemReader = RereadingReader
+                vectorlm.export.consolidate.SafeFileSystemReader = RereadingReader
                 row["old_seconds"], _ = consolidate_seconds(checkpoint, model_dir, tmp / "out")
                 row["old_reads"] = RereadingReader.reads
-                vectorlm.export.SafeFileSystemReader = SafeFileSystemReader
+                vectorlm.export.consolidate.SafeFileSystemReader = SafeFileSystemReader
             rows.append(row)
             shutil.rmtree(checkpoint)
             print(f"hidden {hidden}: written in {written:.0f} s", file=sys.stderr)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 CHILD = """
 import sys
 import torch
-from vectorlm.export import convert_hf, weight_shapes
+from vectorlm.export.consolidate import weight_shapes
+from vectorlm.export.convert import convert_hf
 what, consolidated, model, out = sys.argv[1:5]
 if what == "baseline":
     weight_shapes(model)
@@ -54,10 +55,10 @@ def prepare(root: Path, *, hidden: int, layers: int) -> tuple[Path, Path, Path, 
     import torch
 
     from vectorlm.config import LoraSettings, write_stage_config
-    from vectorlm.example import build_example_model
-    from vectorlm.lora import apply_lora, save_adapter
-    from vectorlm.model import build_empty_model
-    from vectorlm.shards import read_tensors, tensor_shapes, weight_files, write_sharded
+    from vectorlm.example.tiny_llama import build_example_model
+    from vectorlm.hub.meta_model import build_empty_model
+    from vectorlm.hub.shards import read_tensors, tensor_shapes, weight_files, write_sharded
+    from vectorlm.train.lora import apply_lora, save_adapter
 
     model = build_example_model(REPO / "examples/tiny/corpus.jsonl", root / "model", hidden_size=hidden,
                                 num_layers=layers, num_heads=hidden // 64)  # fmt: skip
@@ -68,7 +69,7 @@ def prepare(root: Path, *, hidden: int, layers: int) -> tuple[Path, Path, Path, 
                           load=lambda names: read_tensors(files, names))  # fmt: skip
     write_stage_config(full, export)
     lora = LoraSettings(enabled=True, r=16, alpha=32)
-    peft_model, initial = apply_lora(build_empty_model(model, attention="eager"), lora, seed=0)
+    peft_model, initial = apply_lora(build_empty_model(model), lora, seed=0)
     adapter = {k: torch.randn_like(v) * 0.01 for k, v in initial.items()}  # lora_B non-zero: the merge changes W
     (root / "adapter").mkdir()
     save_adapter(peft_model, adapter, root / "adapter", base=str(model))

@@ -6,7 +6,7 @@
 and padding-free packing: ``DataCollatorWithFlattening`` concatenates the documents of a micro-batch's rows into one
 sequence whose ``position_ids`` restart at every document. A callback times each optimizer step after a device
 synchronisation and counts the real tokens of its micro-batches; tokens/s and MFU follow with vectorlm's formula
-(:mod:`vectorlm.metrics`), so that they compare with vectorlm's rows. Writes ``{"steps": [{"tokens_per_second",
+(:mod:`vectorlm.train.metrics`), so that they compare with vectorlm's rows. Writes ``{"steps": [{"tokens_per_second",
 "mfu"}, ...], "peak_memory_mb"}`` to the spec's ``result`` path.
 """
 
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vectorlm.metrics import TrainingFlops, peak_flops, peak_memory_mb, training_flops
+from vectorlm.train.metrics import TrainingFlops, peak_flops, peak_memory_mb, training_flops
 
 
 class FlatteningCounter:

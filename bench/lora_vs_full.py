@@ -22,7 +22,7 @@ from tests.conftest import run_training
 from vectorlm.config import DataConfig
 from vectorlm.data.pack import run_pack
 from vectorlm.data.tokenize import run_tokenize
-from vectorlm.example import build_example_model
+from vectorlm.example.tiny_llama import build_example_model
 
 
 def main() -> None:

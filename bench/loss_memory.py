@@ -1,4 +1,4 @@
-"""Peak host memory of the loss, plain (full logits) against chunked (vectorlm.loss), for training and evaluation.
+"""Peak host memory of the loss, plain (full logits) against chunked (vectorlm.train.loss), for training and evaluation.
 
     .venv/bin/python bench/loss_memory.py                       # vocab 128,256, hidden 256, 4 x 2,048 tokens, fp32
     .venv/bin/python bench/loss_memory.py --vocab 32000 --tokens 4096
@@ -6,7 +6,7 @@
 Each measurement runs in a process of its own: its peak resident memory (ru_maxrss) above what it held once the
 inputs existed. Tensors this large are mmapped by glibc and given back when freed, so the peak follows the live
 tensors. Training is forward plus backward; evaluation is the forward pass under no_grad. The loss and gradients are
-saved too, so that tests/test_loss.py can compare them.
+saved too, so that tests/train/test_loss.py can compare them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def worker(kind: str, mode: str, out: str, *, vocab: int, hidden_size: int, rows: int, length: int) -> None:
     sys.path.insert(0, str(REPO))
-    from vectorlm.loss import HiddenStates, chunked_loss_sum, plain_loss_sum
+    from vectorlm.train.loss import HiddenStates, chunked_loss_sum, plain_loss_sum
 
     torch.manual_seed(0)
     head = HiddenStates(torch.nn.Linear(hidden_size, vocab, bias=False))

@@ -25,17 +25,19 @@ from pathlib import Path
 RANK = """
 import json, os, sys, torch, torch.distributed as dist
 from pathlib import Path
-from vectorlm.distributed import build_mesh, init_distributed
-from vectorlm.hub_layout import file_layout
-from vectorlm.model import apply_fsdp, build_empty_model, materialize, parameter_shapes
-from vectorlm.shards import tensor_shapes, weight_files
+from vectorlm.train.distributed import build_mesh, init_distributed
+from vectorlm.hub.layout import file_layout
+from vectorlm.hub.meta_model import build_empty_model, parameter_shapes
+from vectorlm.train.base_weights import materialize
+from vectorlm.train.model import apply_fsdp
+from vectorlm.hub.shards import tensor_shapes, weight_files
 
 def status(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) / 1024
 
 model_dir, blocks, out = sys.argv[1], sys.argv[2] == "pieces", sys.argv[3]
 env = init_distributed()
-model = build_empty_model(model_dir, attention="sdpa")
+model = build_empty_model(model_dir, attn_implementation="sdpa")
 layout = file_layout(model, tensor_shapes(weight_files(Path(model_dir))), parameter_shapes(model), blocks=blocks)
 apply_fsdp(model, build_mesh(env, "full"), mixed_precision=False)
 dist.barrier()
@@ -69,8 +71,8 @@ def main() -> None:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from vectorlm.launch import local_rank_commands
-    from vectorlm.placement import Placement
+    from vectorlm.train.launch import local_rank_commands
+    from vectorlm.train.placement import Placement
 
     with tempfile.TemporaryDirectory() as root:
         model_dir = Path(root) / "mixtral"

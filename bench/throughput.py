@@ -12,7 +12,7 @@ fitted to a corpus), packed into rows of 4,096 tokens by vectorlm's own pack sta
 configuration trains the same rows for ``--steps`` optimizer steps of 8 rows each, bf16 mixed precision with fp32
 master weights, fused AdamW, in a process of its own (nothing compiled or fragmented leaks between configurations):
 
-- vectorlm rows run ``python -m vectorlm.train``'s code (``vectorlm.train.run``, one rank, NCCL) with the
+- vectorlm rows run ``python -m vectorlm.train.rank``'s code (``vectorlm.train.rank.run``, one rank, NCCL) with the
   ``TrainConfig`` keys of ``CONFIGS``; tokens/s and MFU are read from ``train/metrics.jsonl`` (one record per step),
   peak memory from ``train/summary.json``. Only the final checkpoint is skipped: it is written after the last timed
   step, and at 3B its weights and AdamW moments (12 bytes per parameter, 39 GB) would cost more time and scratch
@@ -238,12 +238,14 @@ def first_micro_batch(shape: dict, *, setting: Setting, memory_gib: float | None
 
 
 def run_vectorlm_job(job_file: str) -> None:
-    """A vectorlm configuration: ``python -m vectorlm.train JOB`` without the final checkpoint (see the docstring)."""
-    from vectorlm import train
-    from vectorlm.checkpoint import checkpoint_dir
+    """A vectorlm configuration: ``python -m vectorlm.train.rank JOB`` without the final checkpoint (see the
+    docstring)."""
+    from vectorlm.train import rank
+    from vectorlm.train.job import TrainJob
+    from vectorlm.train.trainer import Trainer
 
-    train.Trainer.save = lambda self, step, *args, **kwargs: checkpoint_dir(self.job.output_dir, step)
-    sys.exit(train.run(train.TrainJob.load(job_file)))
+    Trainer.save = lambda self, step, *args, **kwargs: self.job.run.checkpoint(step)
+    sys.exit(rank.run(TrainJob.load(job_file)))
 
 
 _GPU_QUERY = """import json, torch
@@ -345,20 +347,21 @@ def measure(run: Run, *, model: str, model_dir: Path, config: str) -> Row:
 
 def _attempt_vectorlm(run: Run, *, model_dir: Path, out: Path, keys: dict, timeout: float):
     from vectorlm.config import TrainConfig
-    from vectorlm.train import TrainJob
+    from vectorlm.train.job import TrainJob
 
     try:
         train = TrainConfig(**{**run.train_keys, **keys})
     except (TypeError, ValueError) as error:
         raise Unsupported(error) from error
     job = TrainJob(model=str(model_dir), packed=str(run.packed), output_dir=str(out), train=train)
-    job.save(out / "job.yaml")
-    command = [__file__, "--run-job", str(out / "job.yaml")]
+    job.run.job.parent.mkdir(parents=True, exist_ok=True)
+    job.save(job.run.job)
+    command = [__file__, "--run-job", str(job.run.job)]
     if _run_worker(command, distributed=True, out=out, setting=run.setting, timeout=timeout) != 0:
         return None
-    records = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
+    records = [json.loads(line) for line in job.run.metrics.read_text().splitlines()]
     steps = [r for r in records if "tokens_per_second" in r and r["step"] > run.warmup]
-    summary = json.loads(job.summary_path.read_text())
+    summary = json.loads(job.run.summary.read_text())
     chosen = ", ".join(f"{key} {summary[key]}" for key in ("attention", "loss") if summary.get(key))
     return _steady(steps) + (summary["peak_memory_mb"] / 1024, chosen)
 
@@ -393,8 +396,9 @@ def _run_worker(command: list[str], *, distributed: bool, out: Path, setting: Se
                # The same for every row: expandable segments avoid out-of-memory errors that are only fragmentation
                # (torchtitan sets it too).
                PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")  # fmt: skip
-    if distributed:  # as vectorlm.launch starts a rank (the HF Trainer would take these variables for a distributed
-        # run and wrap its model in DDP)
+    # As vectorlm.train.launch starts a rank (the HF Trainer would take these variables for a distributed run and
+    # wrap its model in DDP).
+    if distributed:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -452,7 +456,7 @@ def format_report(rows: list[Row], *, run: Run, info: dict, data: dict, command:
         f"[{DOCUMENTS['min_length']}, {setting.seq_len}]): {data['documents']:,} training documents, median "
         f"{data['median']:.0f}, mean {data['mean']:.0f}, p99 {data['p99']:.0f} tokens, packed into {data['rows']} "
         f"rows ({data['fill']:.1%} full). bf16 mixed precision (fp32 master weights), fused AdamW, one process per "
-        "row. MFU: vectorlm.metrics.training_flops over the GPU's dense bf16 peak, one formula for every row (n/a "
+        "row. MFU: vectorlm.train.metrics.training_flops over the GPU's dense bf16 peak, one formula for every row (n/a "
         f"on CPU). Peak memory: {'torch.cuda.max_memory_allocated' if info['gpu'] else 'resident set size'}."
     )  # fmt: skip
     configurations = "; ".join(f"{label}: {', '.join(f'{k} {v}' for k, v in keys.items())}" for label, keys in used)

@@ -6,11 +6,11 @@ rule tokenize:
         unpack(get_source_files),
         model=model_input(),
     output:
-        tokenized=directory(cached("tokenized/{key}")),
+        tokenized=directory(str(CACHE.tokenized("{key}"))),
     log:
-        cached("logs/tokenize-{key}.log"),
+        str(CACHE.log("tokenize", "{key}")),
     wildcard_constraints:
-        key="|".join(SOURCE_KEYS.values()),
+        key="|".join(DATA.keys.values()),
     params:
         source=get_source_params,
         trust_remote_code=CFG.trust_remote_code,
@@ -23,14 +23,14 @@ rule pack:
     """Tokenized documents into rows of at most max_seq_len tokens, positions restarting per document; the sources of
     a mixture sampled by their weights. Into the cache."""
     input:
-        tokenized=expand(rules.tokenize.output.tokenized, key=SOURCE_KEYS.values()),
+        tokenized=expand(rules.tokenize.output.tokenized, key=DATA.keys.values()),
     output:
-        packed=directory(cached(f"packed/{PACK_KEY}")),
+        packed=directory(str(CACHE.packed(DATA.pack_key))),
     log:
-        cached(f"logs/pack-{PACK_KEY}.log"),
+        str(CACHE.log("pack", DATA.pack_key)),
     params:
         max_seq_len=CFG.max_seq_len,
-        data=get_pack_params(),
+        data=DATA.pack_settings(),
         fingerprint=fingerprint("pack.py"),
     script:
         "../workflow_scripts/pack.py"
@@ -44,13 +44,14 @@ rule link_data:
         tokenized=rules.pack.input.tokenized,
         packed=rules.pack.output.packed,
     output:
-        tokenized=directory(out("tokenized")),
-        packed=directory(out("packed")),
+        tokenized=directory(str(RUN.tokenized)),
+        packed=directory(str(RUN.packed)),
     log:
-        out("logs/link_data.log"),
+        str(RUN.log("link_data")),
     localrule: True
     params:
-        sources=list(SOURCE_KEYS),
+        sources=DATA.keys,
+        pack_key=DATA.pack_key,
         fingerprint=fingerprint("link_data.py"),
     script:
         "../workflow_scripts/link_data.py"

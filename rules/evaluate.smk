@@ -11,11 +11,11 @@ if CFG.evaluate is not None:
         output:
             **get_evaluate_outputs(),
         log:
-            out("logs/evaluate.log"),
+            str(RUN.log("evaluate")),
         params:
             evaluate=get_evaluate_params(),
             base=get_base_evaluation_params(),
             trust_remote_code=CFG.trust_remote_code,
-            fingerprint=fingerprint("evaluate.py", data=get_task_files()),
+            fingerprint=get_evaluate_fingerprint(),
         script:
             "../workflow_scripts/evaluate.py"

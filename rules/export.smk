@@ -4,9 +4,9 @@ rule consolidate:
         summary=rules.train.output.summary,
         model=model_input(),
     output:
-        weights=directory(out("consolidated")),
+        weights=directory(str(RUN.consolidated)),
     log:
-        out("logs/consolidate.log"),
+        str(RUN.log("consolidate")),
     params:
         export=get_consolidate_params(),
         trust_remote_code=CFG.trust_remote_code,
@@ -25,7 +25,7 @@ rule convert_hf:
         # With lora.enabled, also the adapter alone (hf_adapter); hf_model is then the merged model.
         **get_convert_outputs(),
     log:
-        out("logs/convert_hf.log"),
+        str(RUN.log("convert_hf")),
     params:
         export=get_convert_params(),
         trust_remote_code=CFG.trust_remote_code,

@@ -3,42 +3,42 @@ rule report:
     report.html` shows them with captions, grouped by stage (captions/)."""
     input:
         summary=rules.train.output.summary,
-        tokenized=rules.pack.input.tokenized,
+        tokenized=rules.link_data.output.tokenized,
         packed=rules.link_data.output.packed,
         model=rules.convert_hf.output.model,
     output:
         loss=report(
-            out("report/loss.png"),
+            str(RUN.report / "loss.png"),
             caption="captions/loss.rst",
             category="train",
             labels={"figure": "loss"},
         ),
         optimization=report(
-            out("report/optimization.png"),
+            str(RUN.report / "optimization.png"),
             caption="captions/optimization.rst",
             category="train",
             labels={"figure": "learning rate and gradient norm"},
         ),
         throughput=report(
-            out("report/throughput.png"),
+            str(RUN.report / "throughput.png"),
             caption="captions/throughput.rst",
             category="train",
             labels={"figure": "throughput and MFU"},
         ),
         data=report(
-            out("report/data.png"),
+            str(RUN.report / "data.png"),
             caption="captions/data.rst",
             category="tokenize and pack",
             labels={"figure": "document lengths and packing fill"},
         ),
         summary=report(
-            out("report/summary.md"),
+            str(RUN.report / "summary.md"),
             caption="captions/summary.rst",
             category="summary",
             labels={"file": "summary.md"},
         ),
     log:
-        out("logs/report.log"),
+        str(RUN.log("report")),
     params:
         fingerprint=fingerprint("report.py"),
     script:

@@ -4,9 +4,9 @@ rule train:
         packed=rules.link_data.output.packed,
         model=model_input(),
     output:
-        summary=out("train/summary.json"),
+        summary=str(RUN.summary),
     log:
-        out("logs/train.log"),
+        str(RUN.log("train")),
     threads: 2
     resources:
         # Ranks of the job (one per GPU). Locally: processes on this machine; under SLURM, one srun step over
@@ -26,4 +26,4 @@ rule train:
 
 # Resources that cannot work (e.g. ranks not divisible by nodes, hybrid sharding on one node) fail here, before any
 # job is submitted.
-check_train_resources_now(rules.train.rule)
+check_train_resources(rules.train.rule)

@@ -30,7 +30,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with a 300-token BPE tokenizer trained on the example corpus."""
-    from vectorlm.example import build_example_model
+    from vectorlm.example.tiny_llama import build_example_model
 
     path = tmp_path_factory.mktemp("tiny-model") / "model"
     return build_example_model(
@@ -63,18 +63,19 @@ def run_training(
     """Runs a real training job on ``num_processes`` local ranks (over ``nodes`` simulated nodes); returns its
     summary and metric records."""
     from vectorlm.config import LoraSettings, TrainConfig
-    from vectorlm.launch import launch_training
-    from vectorlm.placement import Placement
-    from vectorlm.train import TrainJob
+    from vectorlm.train.job import TrainJob, check_job
+    from vectorlm.train.launch import launch_training
+    from vectorlm.train.placement import Placement
 
     job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train),
                    lora=LoraSettings(**(lora or {})))  # fmt: skip
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     placement = Placement(num_processes, nodes, max(1, 2 // num_processes))
+    check_job(job, ranks=placement.ranks)
     launch_training(job, placement=placement, log_path=output_dir / "logs" / "train.log")
-    records = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
+    records = [json.loads(line) for line in job.run.metrics.read_text().splitlines()]
     return {
-        "summary": json.loads(job.summary_path.read_text()),
+        "summary": json.loads(job.run.summary.read_text()),
         "steps": [r for r in records if "loss" in r],
         "evals": [r for r in records if "eval_loss" in r],
     }
@@ -85,7 +86,7 @@ def process_group():
     """A one-rank gloo process group in this process, for looking inside a sharded model."""
     import socket
 
-    from vectorlm.distributed import DistributedEnv
+    from vectorlm.train.distributed import DistributedEnv
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,7 +97,7 @@ def process_group():
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn, args, init: dict) -> None:
-    from vectorlm.distributed import init_distributed
+    from vectorlm.train.distributed import init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip

@@ -41,17 +41,19 @@ from transformers import (
 )
 
 from tests.conftest import run_training
-from tests.test_export import eval_loss
-from tests.test_resume import max_difference, wait_for_checkpoint
-from vectorlm.attention import resolve_attention, supported_attention
-from vectorlm.checkpoint import SafeFileSystemReader
+from tests.export.test_export import eval_loss
+from tests.train.test_resume import max_difference, wait_for_checkpoint
 from vectorlm.config import ExportConfig, LoraSettings, TrainConfig
-from vectorlm.export import check_export, consolidate, convert_hf
-from vectorlm.launch import local_rank_commands
-from vectorlm.model import causal_lm_class
-from vectorlm.placement import Placement
-from vectorlm.shards import tensor_shapes, weight_files
-from vectorlm.train import TrainJob
+from vectorlm.export.consolidate import consolidate
+from vectorlm.export.convert import check_export, convert_hf
+from vectorlm.hub.meta_model import causal_lm_class
+from vectorlm.hub.shards import tensor_shapes, weight_files
+from vectorlm.run_dir import RunDir
+from vectorlm.train.attention import resolve_attention, supported_attention
+from vectorlm.train.checkpoint_reader import SafeFileSystemReader
+from vectorlm.train.job import TrainJob
+from vectorlm.train.launch import local_rank_commands
+from vectorlm.train.placement import Placement
 
 SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 512}  # fmt: skip
@@ -110,8 +112,8 @@ def start_rank(output_dir: Path, model: Path, packed: Path, *, lora: dict | None
     job = TrainJob(model=str(model), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**settings),
                    lora=LoraSettings(**(lora or {})))  # fmt: skip
     (output_dir / "train").mkdir(parents=True, exist_ok=True)
-    job.save(output_dir / "train" / "job.yaml")
-    command = [sys.executable, "-m", "vectorlm.train", str(output_dir / "train" / "job.yaml")]
+    job.save(RunDir(output_dir).job)
+    command = [sys.executable, "-m", "vectorlm.train.rank", str(RunDir(output_dir).job)]
     [(command, env)] = local_rank_commands(command, Placement(1, 1, 1), {**os.environ, "OMP_NUM_THREADS": "1"})
     with open(output_dir / "train.log", "ab") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

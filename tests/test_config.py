@@ -5,7 +5,6 @@ import pytest
 import yaml
 
 from vectorlm.config import (
-    OPERATIONAL_KEYS,
     Config,
     ConfigError,
     DataConfig,
@@ -15,8 +14,8 @@ from vectorlm.config import (
     TrainConfig,
     load_config,
     parse_size,
-    schema,
 )
+from vectorlm.config_schema import OPERATIONAL_KEYS, rerun_stage, schema, section_properties
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": "m", "output_dir": "o", "max_seq_len": 64, "data": {"train": "t.jsonl"}}
@@ -65,12 +64,61 @@ def test_docs_describe_every_key():
     assert not missing, f"docs/config.md lacks {missing}"
 
 
-def test_docs_say_which_keys_rerun_nothing():
+def documented_keys() -> dict[str, list[str]]:
+    """docs/config.md's key tables: {key: [type, default, reruns, meaning]}."""
     rows = [
         line.split(" | ") for line in (REPO / "docs" / "config.md").read_text().splitlines() if line.startswith("| `")
     ]
-    documented = {cells[0].strip("| `") for cells in rows if len(cells) >= 5 and cells[3] == "nothing"}
-    assert documented == {f"{section}.{key}" for section, keys in OPERATIONAL_KEYS.items() for key in keys}
+    return {cells[0].strip("| `"): cells[1:] for cells in rows if len(cells) == 5}
+
+
+def leaf_keys() -> dict[str, tuple[str | None, str]]:
+    """{dotted key: (section, key)} of every key of the schema that is not a section."""
+    return {(f"{section}.{key}" if section else key): (section, key)
+            for section in (None, *SECTIONS)
+            for key, prop in section_properties(section).items() if "properties" not in prop}  # fmt: skip
+
+
+SECTIONS = ("data", "train", "lora", "export", "evaluate")
+
+
+def test_every_key_states_its_role_once_and_the_docs_agree():
+    """The schema's x-reruns of each key is what docs/config.md's "reruns" column says, and its default is the
+    documented one: the roles (and OPERATIONAL_KEYS, which comes from them) are written once."""
+    documented = documented_keys()
+    assert set(documented) == set(leaf_keys()), set(documented) ^ set(leaf_keys())
+    for name, (section, key) in leaf_keys().items():
+        prop = section_properties(section)[key]
+        _, default, reruns, _ = documented[name]
+        assert reruns == prop["x-reruns"] == rerun_stage(section, key), name
+        if "default" in prop:
+            assert _documented_value(default) == prop["default"], (name, default)
+        else:
+            assert default == "required", name
+    nothing = {name: leaf_keys()[name] for name, cells in documented.items() if cells[2] == "nothing"}
+    assert {f"{section}.{key}" for section, keys in OPERATIONAL_KEYS.items() for key in keys} == set(nothing)
+
+
+def _documented_value(text: str):
+    value = yaml.safe_load(text.strip("`"))
+    if isinstance(value, str):
+        try:
+            return float(value)  # 2e-5: YAML 1.1 reads a string
+        except ValueError:
+            return value
+    return value
+
+
+def test_the_resume_rules_in_the_docs_are_the_schemas():
+    """docs/config.md's resuming table lists the settings a finished run may change, and the tracking section those a
+    resumed run may change and still repeat its steps: both as the schema's x-resume and x-reruns say."""
+    from vectorlm.train.resume import FREE_ON_RESUME, SCHEDULE_ONLY
+
+    docs = (REPO / "docs" / "config.md").read_text()
+    finished = docs.split("| finished run | same settings (only ")[1].split(" may differ)")[0]
+    named = {name.strip("`").removeprefix("train.") for name in finished.split(", ")}
+    assert named == FREE_ON_RESUME, named ^ FREE_ON_RESUME
+    assert SCHEDULE_ONLY == FREE_ON_RESUME | {"max_steps", "num_epochs"}
 
 
 def test_defaults_are_filled():
@@ -209,3 +257,19 @@ def test_output_dir_and_cache_dir_must_not_contain_each_other():
     for output_dir, cache_dir in (("results/cache", None), ("results/a", "results/a/cache"), ("x/y", "x")):
         with pytest.raises(ConfigError, match="must not contain each other"):
             Config.from_dict({**MINIMAL, "output_dir": output_dir, "cache_dir": cache_dir})
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: TrainConfig(sharding="zero3"), r"config key train\.sharding: 'zero3' is not one of \['full'"),
+        (lambda: TrainConfig(report_to=["neptune"]), r"config key train\.report_to\.0: 'neptune' is not one of"),
+        (lambda: DataConfig(train="t.jsonl", eval_fraction=1.5), r"config key data\.eval_fraction: 1\.5 is greater"),
+        (lambda: LoraSettings(target_modules="all"), r"config key lora\.target_modules: 'all' is not valid"),
+        (lambda: EvaluateConfig(prompts=["x"], batch_size=0), r"config key evaluate\.batch_size: 0 is not valid"),
+    ],
+)
+def test_a_section_built_in_code_is_checked_against_the_schema(build, message):
+    """The dataclasses check their values with the schema (enums, ranges written once), as a config file is."""
+    with pytest.raises(ConfigError, match=message):
+        build()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, write_jsonl
-from tests.test_attention import tiny_gemma2
+from tests.train.test_attention import tiny_gemma2
 
 pytestmark = pytest.mark.workflow
 

@@ -1,29 +1,22 @@
-"""Experiment configuration: the JSON schema (types, defaults, unknown keys) and typed dataclasses (meaning).
+"""Experiment configuration: typed sections of the config, the shared ground floor every stage and the workflow import.
 
-The schema in ``vectorlm/schema/config.schema.yaml`` is the single description of every key; the Snakefile checks a
-config against it when it builds the DAG, and :func:`load_config` does the same for library users. The dataclasses
-below add the checks a schema cannot express and raise :class:`ConfigError` naming the key.
+The schema in ``vectorlm/schema/config.schema.yaml`` is the single description of every key (types, ranges, enums,
+defaults, roles: vectorlm/config_schema.py); the Snakefile checks a config against it when it builds the DAG, and
+:func:`load_config` does the same for library users. The dataclasses below take their defaults from it, check their
+values against it, add the checks a schema cannot express and raise :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A user mistake in the experiment configuration."""
-
+from vectorlm.config_schema import ConfigError, check_section, schema_section, section_properties, validate
 
 # The settings of what a source's rows hold; a mixture source that sets any of them replaces data.*'s.
 SOURCE_FIELDS = (
@@ -48,29 +41,29 @@ class DataSource:
     data: DataConfig
 
 
-@dataclass(frozen=True)
+@schema_section("data")
 class DataConfig:
     train: str | tuple[dict[str, Any], ...]
-    eval: str | None = None
-    eval_fraction: float = 0.05
-    split: str | None = None
-    text_field: str = "text"
-    prompt_field: str | None = None
-    response_field: str | None = None
-    messages_field: str | None = None
-    chat_template: str | None = None
-    separator: str | None = None
-    packing: bool = True
-    chunk_overlap: int = 0
-    split_seed: int = 0
-    tokenize_batch_size: int = 1000
+    eval: str | None
+    eval_fraction: float
+    split: str | None
+    text_field: str
+    prompt_field: str | None
+    response_field: str | None
+    messages_field: str | None
+    chat_template: str | None
+    separator: str | None
+    packing: bool
+    chunk_overlap: int
+    split_seed: int
+    tokenize_batch_size: int
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, str):
             object.__setattr__(self, "train", tuple(dict(source) for source in self.train))
+        check_section("data", to_plain(self))
+        if not isinstance(self.train, str):
             self.sources  # noqa: B018 (checks every source's settings now)
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ConfigError("data.prompt_field and data.response_field go together: set both or neither")
         chosen = [key for key, value in (("data.messages_field", self.messages_field),
@@ -151,45 +144,44 @@ def _source_name(path: str, taken: set[str]) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@schema_section("train")
 class TrainConfig:
-    max_steps: int | None = None
-    num_epochs: float = 1
-    seed: int = 0
-    lr: float = 2.0e-5
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1.0e-8
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    sharding: str = "full"
-    mixed_precision: bool = True
-    activation_checkpointing: str = "none"
-    attention: str = "auto"
-    compile: bool = False
-    loss: str = "auto"
-    eval_every: int | None = None
-    eval_max_batches: int | None = None
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    report_to: tuple[str, ...] = ()
-    defer_gradient_sync: bool = False
-    max_nonfinite_steps: int = 5
-    async_checkpoint: bool = True
-    collective_timeout_minutes: float = 30
-    checkpoint_timeout_minutes: float = 180
+    max_steps: int | None
+    num_epochs: float
+    seed: int
+    lr: float
+    micro_batch_size: int
+    global_batch_size: int
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    scheduler: str
+    warmup_steps: int
+    max_grad_norm: float | None
+    sharding: str
+    mixed_precision: bool
+    activation_checkpointing: str
+    attention: str
+    compile: bool
+    loss: str
+    eval_every: int | None
+    eval_max_batches: int | None
+    checkpoint_every: int | None
+    keep_checkpoints: int
+    log_every: int
+    report_to: tuple[str, ...]
+    defer_gradient_sync: bool
+    max_nonfinite_steps: int
+    async_checkpoint: bool
+    collective_timeout_minutes: float
+    checkpoint_timeout_minutes: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "report_to", tuple(self.report_to))
-        unknown = set(self.report_to) - {"tensorboard", "wandb", "mlflow"}
-        if unknown:
-            raise ConfigError(f"train.report_to: unknown backend(s) {sorted(unknown)}; choose from tensorboard, wandb, "
-                              "mlflow")  # fmt: skip
+        check_section("train", to_plain(self))
+        if isinstance(self.activation_checkpointing, bool):  # the documented booleans of earlier versions
+            object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -199,13 +191,6 @@ class TrainConfig:
             raise ConfigError(
                 f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})"
             )
-        if self.sharding not in ("full", "hybrid", "none"):
-            raise ConfigError(f"train.sharding must be full, hybrid or none, got {self.sharding!r}")
-        if isinstance(self.activation_checkpointing, bool):  # the documented booleans of earlier versions
-            object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
-        if self.activation_checkpointing not in ("none", "full", "selective"):
-            raise ConfigError("train.activation_checkpointing must be none, full or selective (or false / true), "
-                              f"got {self.activation_checkpointing!r}")  # fmt: skip
 
     def grad_accumulation_steps(self, dp_world_size: int) -> int:
         """Micro-steps per optimizer step so that ``dp_world_size`` ranks make one global batch."""
@@ -218,56 +203,53 @@ class TrainConfig:
         return self.global_batch_size // rows_per_micro_step
 
 
-@dataclass(frozen=True)
+@schema_section("lora")
 class LoraSettings:
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
+    enabled: bool
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str | tuple[str, ...]
 
     def __post_init__(self) -> None:
-        targets = self.target_modules
-        if isinstance(targets, str):
-            if targets != "all-linear":
-                raise ConfigError(f"lora.target_modules must be a list of module names or all-linear, got {targets!r}")
-        else:
-            object.__setattr__(self, "target_modules", tuple(targets))
-            if not self.target_modules:
-                raise ConfigError("lora.target_modules must name at least one module (or be all-linear)")
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        check_section("lora", to_plain(self))
 
 
-@dataclass(frozen=True)
+@schema_section("export")
 class ExportConfig:
-    max_shard_size: str = "5GB"
-    dtype: str = "auto"
-    smoke_test: bool = True
-    smoke_test_prompt: str = "Once upon a time"
-    smoke_test_max_size: str = "8GB"
+    max_shard_size: str
+    dtype: str
+    smoke_test: bool
+    smoke_test_prompt: str
+    smoke_test_max_size: str
 
     def __post_init__(self) -> None:
-        parse_size(self.max_shard_size, key="export.max_shard_size")
+        parse_size(self.max_shard_size, key="export.max_shard_size")  # a friendlier message than the schema's pattern
         parse_size(self.smoke_test_max_size, key="export.smoke_test_max_size")
+        check_section("export", to_plain(self))
 
     @property
     def max_shard_bytes(self) -> int:
         return parse_size(self.max_shard_size, key="export.max_shard_size")
 
 
-@dataclass(frozen=True)
+@schema_section("evaluate")
 class EvaluateConfig:
-    tasks: tuple[str, ...] = ()
-    prompts: tuple[str, ...] = ()
-    num_fewshot: int | None = None
-    limit: int | None = None
-    max_new_tokens: int = 64
-    batch_size: int | str = 8
-    apply_chat_template: bool = False
-    compare_base: bool = False
+    tasks: tuple[str, ...]
+    prompts: tuple[str, ...]
+    num_fewshot: int | None
+    limit: int | None
+    max_new_tokens: int
+    batch_size: int | str
+    apply_chat_template: bool
+    compare_base: bool
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        check_section("evaluate", to_plain(self))
         if not self.tasks and not self.prompts:
             raise ConfigError("the evaluate section needs evaluate.tasks or evaluate.prompts (or remove the section)")
         if duplicates := sorted({task for task in self.tasks if self.tasks.count(task) > 1}):
@@ -284,8 +266,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     evaluate: EvaluateConfig | None = None  # the evaluate stage runs only when the config has the section
-    trust_remote_code: bool = False
-    cache_dir: str | None = None
+    trust_remote_code: bool = section_properties(None)["trust_remote_code"]["default"]
+    cache_dir: str | None = section_properties(None)["cache_dir"]["default"]
 
     def __post_init__(self) -> None:
         if self.cache_dir is None:  # beside the experiment, so that experiments side by side share it
@@ -335,85 +317,6 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-@cache
-def schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
-
-
-def _validator():
-    from jsonschema import Draft202012Validator, validators
-
-    def set_defaults(validator, properties, instance, subschema):
-        if isinstance(instance, dict):
-            for name, prop in properties.items():
-                if "default" in prop:
-                    instance.setdefault(name, copy.deepcopy(prop["default"]))
-        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, subschema)
-
-    return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema())
-
-
-def validate(raw: dict[str, Any]) -> dict[str, Any]:
-    """Checks ``raw`` against the schema and returns a copy with every default filled in.
-
-    Raises:
-        ConfigError: naming the offending key, e.g. ``config key train.lr: 'x' is not of type 'number'``.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
-    resolved = _numbers_from_strings(copy.deepcopy(raw), schema())
-    errors = sorted(_validator().iter_errors(resolved), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in errors))
-    return resolved
-
-
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _numbers_from_strings(values: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    """Numbers YAML 1.1 reads as strings (``1e-4``: PyYAML wants ``1.0e-4``), as numbers, for the keys that take one."""
-    for key, prop in schema.get("properties", {}).items():
-        if key not in values:
-            continue
-        value = values[key]
-        if isinstance(value, dict):
-            _numbers_from_strings(value, prop)
-        elif isinstance(value, list) and "items" in prop:
-            values[key] = [_numbers_from_strings(item, prop["items"]) if isinstance(item, dict)
-                           else _number(item, prop["items"]) for item in value]  # fmt: skip
-        else:
-            values[key] = _number(value, prop)
-    return values
-
-
-def _number(value: Any, prop: dict[str, Any]) -> Any:
-    kinds = prop.get("type", [])
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    takes_number = {"number", "integer"} & set(kinds) and "string" not in kinds  # a string key keeps its string
-    if not (isinstance(value, str) and takes_number and _NUMBER.fullmatch(value.strip())):
-        return value
-    number = float(value)
-    return int(number) if "number" not in kinds and number.is_integer() else number
-
-
-def _describe(error) -> str:
-    path = ".".join(str(p) for p in error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        where = f"{path}." if path else ""
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {where}{close[0]}? " if close else ""
-            lines.append(f"  unknown config key {where}{key} ({hint}allowed here: {', '.join(allowed)})")
-        return "\n".join(lines)
-    if error.validator == "required":
-        return f"  missing config key {error.message.split(' is a required')[0]}" + (f" in {path}" if path else "")
-    return f"  config key {path or '<root>'}: {error.message}"
-
-
 def load_config(path: str | Path) -> Config:
     """Reads a YAML experiment config from ``path``, validated, with defaults filled in."""
     path = Path(path)
@@ -441,21 +344,6 @@ def parse_size(text: str, *, key: str) -> int:
     if not match:
         raise ConfigError(f"{key}: cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-# Settings that change how a stage runs, never what it writes: they are left out of the stages' params, so changing
-# one reruns nothing (docs/config.md, the "reruns" column); the stages read them from the resolved config.
-OPERATIONAL_KEYS = {
-    "data": ("tokenize_batch_size",),
-    "train": ("checkpoint_every", "keep_checkpoints", "async_checkpoint", "collective_timeout_minutes",
-              "checkpoint_timeout_minutes", "max_nonfinite_steps", "report_to"),
-    "evaluate": ("batch_size",),
-}  # fmt: skip
-
-
-def operational(config: dict[str, Any], section: str) -> dict[str, Any]:
-    """The :data:`OPERATIONAL_KEYS` of ``section`` in a resolved ``config``."""
-    return {key: config[section][key] for key in OPERATIONAL_KEYS[section]}
 
 
 STAGE_CONFIG = "vectorlm_config.yaml"

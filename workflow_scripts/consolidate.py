@@ -3,7 +3,7 @@
 import json
 
 from vectorlm.config import ExportConfig
-from vectorlm.export import consolidate
+from vectorlm.export.consolidate import consolidate
 from vectorlm.log import logged_stage
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

@@ -1,7 +1,7 @@
 """Snakemake adapter: assemble the Hugging Face model directory (rule ``convert_hf``)."""
 
 from vectorlm.config import parse_size
-from vectorlm.export import convert_hf
+from vectorlm.export.convert import convert_hf
 from vectorlm.log import logged_stage
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

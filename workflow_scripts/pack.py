@@ -1,6 +1,7 @@
 """Snakemake adapter: pack tokenized documents into training rows (rule ``pack``), a mixture's sources by weight."""
 
-from vectorlm.config import DataConfig, operational
+from vectorlm.config import DataConfig
+from vectorlm.config_schema import operational
 from vectorlm.data.pack import run_pack
 from vectorlm.log import logged_stage
 

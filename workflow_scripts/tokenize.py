@@ -1,6 +1,7 @@
 """Snakemake adapter: tokenize one source of the experiment's documents (rule ``tokenize``)."""
 
-from vectorlm.config import DataConfig, operational
+from vectorlm.config import DataConfig
+from vectorlm.config_schema import operational
 from vectorlm.data.tokenize import run_tokenize
 from vectorlm.log import logged_stage
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vectorlm.data.loader import GlobalBatchSampler, collate, rank_slices
-from vectorlm.data.pack import IGNORE_INDEX
+from vectorlm.packed import IGNORE_INDEX
 
 
 def test_epochs_are_permutations_and_drop_the_tail():

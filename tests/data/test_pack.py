@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import requires_gpu
-from vectorlm.attention import FLASH_VARLEN
 from vectorlm.data.loader import collate
 from vectorlm.data.pack import (
     IGNORE_INDEX,
@@ -19,7 +18,8 @@ from vectorlm.data.pack import (
     run_pack,
     split_into_chunks,
 )
-from vectorlm.step import forward_logits
+from vectorlm.train.attention import FLASH_VARLEN
+from vectorlm.train.step import forward_logits
 
 
 def tokenized(docs: list[list[int]], masks: list[list[int]] | None = None) -> datasets.Dataset:

@@ -1,1 +1,0 @@
-"""Data stages: reading documents, tokenizing them, packing them into training rows, and batching those rows."""

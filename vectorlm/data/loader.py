@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import torch
 
-from vectorlm.data.pack import IGNORE_INDEX
+from vectorlm.packed import COLUMNS, IGNORE_INDEX
 
 
 @dataclass
@@ -94,7 +94,7 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool) -> dict[str, Any
     ``num_loss_tokens`` (next-token targets that count in the loss) and ``sum_squared_lengths`` (over documents,
     what attention costs).
     """
-    columns = ("input_ids", "labels", "position_ids")
+    columns = COLUMNS
     counts = {
         "num_tokens": sum(len(r["input_ids"]) for r in rows),
         "num_loss_tokens": int(sum(np.count_nonzero(np.asarray(r["labels"][1:]) != IGNORE_INDEX) for r in rows)),

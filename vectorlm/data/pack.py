@@ -28,11 +28,9 @@ from vectorlm.config import write_stage_config
 from vectorlm.data.arrow import ColumnsWriter, ListColumn, list_lengths, partial_dir, ranges
 from vectorlm.data.sources import DataError
 from vectorlm.log import Progress
+from vectorlm.packed import COLUMNS, IGNORE_INDEX, STATS_FILE
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-PACKED_COLUMNS = ["input_ids", "labels", "position_ids"]
 
 
 @dataclass
@@ -222,7 +220,7 @@ def pack_dataset(
     lengths, usable, no_loss, targets = lengths[sample], usable[sample], no_loss[sample], int(targets[sample].sum())
     plan = plan_packing(usable, max_seq_len, overlap=overlap, truncate=truncate, packing=packing)
     plan.doc = sample[plan.doc]
-    writer = ColumnsWriter(path, PACKED_COLUMNS)
+    writer = ColumnsWriter(path, list(COLUMNS))
     group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
     loss_tokens = int(group_loss_tokens.sum())
     packed = writer.finish()
@@ -386,9 +384,9 @@ def run_pack(
             for warning in _mixture_warnings(name, source):
                 log.warning("%s", warning)
                 stats.setdefault("warnings", []).append(warning)
-    # What a checkpoint must have been trained on to be resumed on these rows (see vectorlm.resume).
+    # What a checkpoint must have been trained on to be resumed on these rows (see vectorlm.train.resume).
     stats["fingerprint"] = digest.hexdigest()[:32]
-    (output_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (output_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     record = data if data is not None else {"packing": packing, "chunk_overlap": overlap}
     write_stage_config(output_dir, {"max_seq_len": max_seq_len, "data": record}, upstream=dirs[0])
     return stats

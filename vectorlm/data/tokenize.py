@@ -40,7 +40,7 @@ from vectorlm.data.sources import (
     locate_non_utf8,
     require_fields,
 )
-from vectorlm.inputs import check_model_dir
+from vectorlm.hub.model_dir import check_model_dir
 from vectorlm.log import Progress
 
 log = logging.getLogger(__name__)

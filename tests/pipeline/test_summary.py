@@ -1,0 +1,62 @@
+"""What the workflow prints when it succeeds, from what the stages wrote into the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vectorlm.pipeline.summary import summary_lines
+from vectorlm.run_dir import RunDir
+
+SETTINGS = {"tasks": ["cloze.yaml"], "prompts": [], "limit": None}
+FINGERPRINT = {"code": "c", "data evaluate.tasks[0] cloze.yaml": "d"}
+
+
+def finished(tmp_path) -> RunDir:
+    run = RunDir(tmp_path / "exp")
+    run.train.mkdir(parents=True)
+    run.summary.write_text(json.dumps({"initial_eval_loss": 6.25, "final_eval_loss": 0.5, "step": 200,
+                                       "tokens_per_second": 11539.4, "world_size": 2}))  # fmt: skip
+    run.hf_model.mkdir()
+    run.packed.mkdir()
+    (run.packed / "stats.json").write_text(json.dumps({"warnings": ["packing the train split lost 9% of its loss"]}))
+    run.evaluate.root.mkdir()
+    rows = [{"task": "cloze", "metric": "acc,none", "base": 0.235, "trained": 0.995},
+            {"task": "cloze", "metric": "acc_norm,none", "base": None, "trained": 0.9}]  # fmt: skip
+    made = {"settings": {**SETTINGS, "batch_size": 64}, "fingerprint": FINGERPRINT}  # batch_size: operational
+    run.evaluate.results.write_text(json.dumps({"compared_to_base": rows, "vectorlm": made}))
+    return run
+
+
+def test_a_finished_run_prints_its_losses_model_evaluation_and_warnings(tmp_path):
+    run = finished(tmp_path)
+    lines = summary_lines(run, evaluate_settings=SETTINGS, evaluate_fingerprint=FINGERPRINT)
+    speed = "11,539 tokens/s on 2 rank(s)"
+    assert lines == [
+        f"\nvectorlm: eval loss 6.2500 -> 0.5000 after 200 steps ({speed}); model: {run.hf_model}\n",
+        "vectorlm: evaluate: cloze acc,none 0.2350 (base) -> 0.9950 (trained)",
+        "vectorlm: evaluate: cloze acc_norm,none 0.9000",
+        f"vectorlm: evaluation: {run.evaluate.table}\n",
+        f"vectorlm: WARNING: packing the train split lost 9% of its loss (see {run.packed / 'stats.json'})\n",
+    ]
+
+
+def test_an_evaluation_of_other_settings_tasks_or_an_older_model_is_not_printed(tmp_path):
+    run = finished(tmp_path)
+
+    def evaluated(settings=SETTINGS, fingerprint=FINGERPRINT) -> bool:
+        lines = summary_lines(run, evaluate_settings=settings, evaluate_fingerprint=fingerprint)
+        return any("evaluate:" in line for line in lines)
+
+    assert evaluated()
+    assert not evaluated(settings={**SETTINGS, "limit": 10})
+    assert not evaluated(fingerprint={**FINGERPRINT, "code": "edited"})
+    assert not evaluated(settings=None)  # no evaluate section
+    later = run.evaluate.results.stat().st_mtime + 10
+    os.utime(run.hf_model, (later, later))  # a model exported after the evaluation
+    assert not evaluated()
+
+
+def test_a_run_that_stopped_early_prints_what_there_is(tmp_path):
+    run = RunDir(tmp_path / "nothing-yet")
+    assert summary_lines(run, evaluate_settings=None, evaluate_fingerprint=None) == []

@@ -1,0 +1,82 @@
+"""Activation checkpointing modes: the same numbers as keeping everything, with fewer tensors kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+from vectorlm.train.model import apply_activation_checkpointing, compile_layers
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators that run: matmuls apart from the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.others = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.matmuls += 1
+        else:
+            self.others += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run(model_dir, mode: str):
+    """Loss, gradients, and the operators the backward pass ran (recomputation included)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    names = [name for name, _ in model.named_parameters()]
+    apply_activation_checkpointing(model, mode)
+    assert [name for name, _ in model.named_parameters()] == names  # checkpoints and exports see the same model
+    input_ids = torch.randint(2, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    with CountOps() as backward:
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, backward
+
+
+def test_full_and_selective_checkpointing_compute_what_keeping_everything_computes(tiny_model_dir):
+    results = {mode: run(tiny_model_dir, mode) for mode in ("none", "full", "selective")}
+    loss, grads, none = results["none"]
+    for mode in ("full", "selective"):
+        torch.testing.assert_close(results[mode][0], loss, rtol=1e-5, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    full, selective = results["full"][2], results["selective"][2]
+    assert full.matmuls > none.matmuls and full.others > none.others  # full recomputes everything
+    assert selective.matmuls == none.matmuls and selective.others > none.others  # selective: all but the matmuls
+
+
+def test_unknown_mode_is_an_error():
+    from vectorlm.config import ConfigError, TrainConfig
+
+    with pytest.raises(
+        ConfigError,
+        match=r"config key train\.activation_checkpointing: 'some' is not one of \['none', 'full', 'selective'",
+    ):
+        TrainConfig(activation_checkpointing="some")
+    assert TrainConfig(activation_checkpointing=False).activation_checkpointing == "none"
+    assert TrainConfig(activation_checkpointing=True).activation_checkpointing == "full"
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_compiled_blocks_are_compiled_under_every_checkpointing_mode(tiny_model_dir, mode):
+    """torch.compile of a block whose forward is checkpointed traces the checkpoint (and the selective policy) into
+    the block's graph: something is compiled, and the loss is the eager one."""
+    from torch._dynamo.utils import counters
+
+    expected, _, _ = run(tiny_model_dir, mode)
+    torch._dynamo.reset()
+    counters.clear()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    apply_activation_checkpointing(model, mode)
+    compile_layers(model, backend="aot_eager")  # the same tracing as inductor, without generating kernels
+    input_ids = torch.randint(2, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    assert counters["stats"]["calls_captured"] > 0 and counters["frames"]["ok"] > 0
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)

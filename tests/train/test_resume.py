@@ -1,0 +1,272 @@
+"""Checkpoints, kills and resumption with real multi-rank runs: the resumed model must be the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tests.conftest import run_training
+from vectorlm.config import ExportConfig, LoraSettings, TrainConfig
+from vectorlm.export.consolidate import consolidate
+from vectorlm.train.checkpoint import list_checkpoints, problem_with
+from vectorlm.train.checkpoint_reader import SafeFileSystemReader, UnsafeCheckpointError
+from vectorlm.train.job import TrainJob
+from vectorlm.train.preemption import PREEMPTED_EXIT_CODE
+
+# fp32 so that runs which should compute the same thing agree to the last bit on one world size.
+RUN = {"max_steps": 24, "lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
+       "mixed_precision": False, "checkpoint_every": 4, "keep_checkpoints": 2, "eval_every": 8, "seed": 3}  # fmt: skip
+
+
+def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model weights stored in a DCP checkpoint, read in this single process."""
+    reader = SafeFileSystemReader(str(checkpoint))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k[len("model.") :]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.items()
+               if k.startswith("model.")}  # fmt: skip
+    dcp.load({"model": tensors}, storage_reader=reader)
+    return tensors
+
+
+def max_difference(a: Path, b: Path) -> float:
+    ta, tb = model_tensors(a), model_tensors(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+def start_job(
+    output_dir: Path, model_dir: Path, packed: Path, *, ranks: int = 2, threads: int = 2, job: TrainJob | None = None,
+    lora: dict | None = None, **train,
+) -> subprocess.Popen:  # fmt: skip
+    """A training job (``job``, or one made of ``train`` and ``lora`` settings) in its own process group, as
+    Snakemake starts it, its ranks sharing ``threads`` CPU threads."""
+    job = job or TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir),
+                          train=TrainConfig(**train), lora=LoraSettings(**(lora or {})))  # fmt: skip
+    (output_dir / "train").mkdir(parents=True, exist_ok=True)
+    job.save(output_dir / "train" / "job.yaml")
+    command = [sys.executable, "-m", "vectorlm.train.launch", str(output_dir / "train" / "job.yaml"), "--ranks",
+               str(ranks), "--threads", str(threads), "--log", str(output_dir / "train.log")]  # fmt: skip
+    return subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = output_dir / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(json.loads(line).get("step", -1) >= step for line in metrics.read_text().splitlines()
+                                     if line.endswith("}")):  # fmt: skip
+            return
+        assert process.poll() is None, f"training ended (status {process.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
+def wait_for_checkpoint(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a complete checkpoint of ``step`` or later exists (saves finish in the background, later on a busy
+    machine: a kill before that leaves none to resume from)."""
+    deadline = time.monotonic() + timeout
+    while not any(int(d.name.split("_")[1]) >= step and (d / "train_state.json").is_file()
+                  for d in (output_dir / "checkpoints").glob("step_*")):  # fmt: skip
+        assert process.poll() is None and time.monotonic() < deadline, f"no checkpoint of step {step} or later"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, packed_dir):
+    """The uninterrupted run every interrupted one is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, run_training(out, tiny_model_dir, packed_dir, **RUN)
+
+
+def test_checkpoints_at_intervals_and_only_the_newest_kept(reference):
+    out, _ = reference
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [20, 24]
+    assert not list((out / "checkpoints").glob(".*partial"))
+    state = json.loads((out / "checkpoints" / "step_20" / "train_state.json").read_text())
+    assert state["final"] is False and state["data"] == {"epoch": 0, "offset": 160}
+    assert state["world_size"] == 2 and set(state["eval_losses"]) == {"0", "8", "16"}
+    assert (out / "checkpoints" / "step_20" / "rng" / "rank_1.cpu").stat().st_size > 0
+    assert all(problem_with(path) is None for _, path in list_checkpoints(out / "checkpoints"))
+
+
+def test_sigkill_at_a_random_step_then_rerun_gives_the_same_model(reference, tmp_path, tiny_model_dir, packed_dir):
+    ref_out, ref = reference
+    kill_at = random.Random().randint(5, 22)
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    wait_for_step(tmp_path, kill_at, process)
+    wait_for_checkpoint(tmp_path, 4, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_log = (tmp_path / "train.log").read_text()
+    assert "summary" not in killed_log and not (tmp_path / "train" / "summary.json").exists()
+
+    resumed = run_training(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert "resumed from" in log, f"killed at step {kill_at}"
+    difference = max_difference(tmp_path / "checkpoints" / "step_24", ref_out / "checkpoints" / "step_24")
+    print(f"killed at step {kill_at}: max abs weight difference {difference}")
+    assert difference <= 1e-6, f"killed at step {kill_at}: max abs weight difference {difference}"
+    steps = [s["step"] for s in resumed["steps"]]
+    assert steps == list(range(1, 25)), "each step is recorded exactly once in metrics.jsonl"
+    assert resumed["summary"]["final_eval_loss"] == pytest.approx(ref["summary"]["final_eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_sigterm_checkpoints_and_a_different_world_size_continues(reference, tmp_path, tiny_model_dir, packed_dir,
+                                                                  first, second):  # fmt: skip
+    _, ref = reference
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, ranks=first, **RUN)
+    wait_for_step(tmp_path, 6, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    log = (tmp_path / "train.log").read_text()
+    assert "received SIGTERM: saved a checkpoint at step" in log
+    stopped_at = max(step for step, _ in list_checkpoints(tmp_path / "checkpoints"))
+    assert stopped_at >= 6
+
+    resumed = run_training(tmp_path, tiny_model_dir, packed_dir, num_processes=second, **RUN)
+    assert f"world size {first} -> {second}: data position kept" in (tmp_path / "logs" / "train.log").read_text()
+    # The same rows in the same order: per-step losses equal the uninterrupted run's (to reduction-order rounding).
+    losses = {s["step"]: s["loss"] for s in resumed["steps"]}
+    reference_losses = {s["step"]: s["loss"] for s in ref["steps"]}
+    for step in range(stopped_at + 1, 25):
+        assert losses[step] == pytest.approx(reference_losses[step], rel=1e-4), step
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_used(reference, tmp_path, tiny_model_dir, packed_dir):
+    ref_out, _ = reference
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    wait_for_step(tmp_path, 14, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    newest_step, newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (tmp_path / "checkpoints" / ".step_99.partial").mkdir()  # what a save killed halfway leaves
+
+    run_training(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert f"checkpoint {newest} is unusable ({shard.name} is truncated" in log
+    assert f"step_{newest_step - 4} (step {newest_step - 4})" in log and ".step_99.partial" in log
+    assert max_difference(tmp_path / "checkpoints" / "step_24", ref_out / "checkpoints" / "step_24") <= 1e-6
+
+
+def test_interrupted_run_refuses_changed_data_and_accepts_changed_lr(tmp_path, tiny_model_dir, packed_dir):
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    wait_for_step(tmp_path, 5, process)
+    wait_for_checkpoint(tmp_path, 4, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with pytest.raises(RuntimeError, match="training exited with status 1"):
+        run_training(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "seed": 4})
+    assert "refusing to resume from" in (tmp_path / "logs" / "train.log").read_text()
+    assert "since then seed changed (seed: 3 -> 4)" in (tmp_path / "logs" / "train.log").read_text()
+
+    run_training(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "lr": 1e-3})
+    assert "with changed settings: train.lr 0.003 -> 0.001" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_finished_run_is_not_retrained_and_a_changed_one_starts_anew(reference, tmp_path, tiny_model_dir, packed_dir):
+    ref_out, ref = tmp_path / "run", reference[1]
+    shutil.copytree(reference[0], ref_out)
+    again = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "eval_every": 12})
+    assert again["summary"] == ref["summary"]
+    assert "already finished with these settings; nothing to train" in (ref_out / "logs" / "train.log").read_text()
+
+    longer = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 28})
+    assert "continuing the finished run" in (ref_out / "logs" / "train.log").read_text()
+    assert longer["summary"]["step"] == 28 and [s["step"] for s in longer["steps"]][-1] == 28
+
+    changed = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 28, "lr": 1e-3})
+    archived = list((ref_out / "checkpoints" / "archive").glob("*/step_28"))
+    assert len(archived) == 1 and changed["steps"][0]["step"] == 1
+    assert (
+        "is a finished run with other settings (train.lr 0.003 -> 0.001)"
+        in (ref_out / "logs" / "train.log").read_text()
+    )
+
+
+def test_metadata_unpickler_refuses_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle posix.system"):
+        SafeFileSystemReader(str(tmp_path)).read_metadata()
+    assert not Path("pwned").exists()
+
+
+def test_checkpoint_data_files_must_lie_inside_it(reference, tmp_path):
+    checkpoint = tmp_path / "step_24"
+    shutil.copytree(reference[0] / "checkpoints" / "step_24", checkpoint)
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # written by this test's own reference run
+    info = next(iter(metadata.storage_data.values()))
+    info.relative_path = "../../elsewhere.distcp"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match=r"a data file lies outside the checkpoint \(\.\./\.\./elsewhere"):
+        SafeFileSystemReader(str(checkpoint)).read_metadata()
+    assert "UnsafeCheckpointError" in problem_with(checkpoint)
+
+
+class CreatesFile:
+    """Unpickling this creates ``path``: the proof that a checkpoint entry ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_of_pickles_runs_no_code_on_resume_or_consolidation(reference, tmp_path, tiny_model_dir,
+                                                                          packed_dir):  # fmt: skip
+    """Every entry of the newest checkpoint, under its real name, replaced by a pickle that would create a file."""
+    ref_out, ref = reference
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(ref_out, out)
+    crafted = out / "checkpoints" / "step_24"
+    names = SafeFileSystemReader(str(crafted)).read_metadata().state_dict_metadata
+    for file in [*crafted.glob("*.distcp"), crafted / ".metadata"]:
+        file.unlink()
+    dcp.save({name: CreatesFile(marker) for name in names}, checkpoint_id=str(crafted), no_dist=True)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="is a BytesStorageMetadata, not a tensor"):
+        SafeFileSystemReader(str(crafted)).read_metadata()
+
+    with pytest.raises(UnsafeCheckpointError):
+        consolidate(crafted, model_dir=tiny_model_dir, output_dir=tmp_path / "consolidated", export=ExportConfig())
+    assert not marker.exists()
+
+    # The run's final checkpoint is unusable: set aside, and the run resumes from step 20 to the same model.
+    resumed = run_training(out, tiny_model_dir, packed_dir, **RUN)
+    assert not marker.exists()
+    log = (out / "logs" / "train.log").read_text()
+    assert f"checkpoint {crafted} is unusable (UnsafeCheckpointError" in log and "resumed from" in log
+    assert (out / "checkpoints" / "step_24.invalid").is_dir()
+    assert [s["step"] for s in resumed["steps"]] == list(range(1, 25))
+    assert max_difference(crafted, ref_out / "checkpoints" / "step_24") <= 1e-6
+    assert resumed["summary"]["final_eval_loss"] == pytest.approx(ref["summary"]["final_eval_loss"], abs=1e-6)
+
+
+def test_refusal_reaches_every_rank_before_any_work(tmp_path, tiny_model_dir, packed_dir):
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    wait_for_step(tmp_path, 5, process)
+    wait_for_checkpoint(tmp_path, 4, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with pytest.raises(RuntimeError):
+        run_training(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 3, "warmup_steps": 1})
+    assert "is not below train.max_steps (3)" in (tmp_path / "logs" / "train.log").read_text()

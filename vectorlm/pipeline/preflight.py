@@ -1,0 +1,112 @@
+"""What the Snakefile checks when it builds the DAG, before any job starts: a mistake fails at once with a message that
+names the config key (or resource) and what would work.
+
+- the inputs: the data files exist, are not empty and have the fields the config names; the model directory has a
+  config, safetensors weights and a tokenizer, and ``max_seq_len`` fits it;
+- the experiment trackers of ``train.report_to`` are installed;
+- the evaluate section's tasks and chat template (vectorlm/pipeline/evaluate_tasks.py);
+- an explicit ``train.attention`` is one the model supports;
+- the train rule's resources can work (:func:`check_resources`).
+
+Each stage repeats the checks that concern it, so the library is just as safe without Snakemake.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vectorlm.config import Config, ConfigError
+from vectorlm.data.sources import check_source
+from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir
+from vectorlm.pipeline.evaluate_tasks import check_chat_template, check_tasks
+from vectorlm.train.placement import Placement, check_train_resources
+
+
+def check_experiment(config: Config, *, model_will_be_built: bool, state_dir: str | Path) -> None:
+    """The inputs, the trackers and the evaluate section: every check of :mod:`this module
+    <vectorlm.pipeline.preflight>` but the attention's (which needs the model's digest) and the resources'.
+
+    Args:
+        config: the experiment.
+        model_will_be_built: the model directory is the output of a workflow rule (the example model), so it may not
+            exist yet and its limits are checked by the stages instead.
+        state_dir: where answers that are slow to find are kept (Snakemake's ``.snakemake``).
+    """
+    check_inputs(config, model_will_be_built=model_will_be_built)
+    check_trackers(config.train.report_to)
+    if config.evaluate is not None:
+        check_tasks(config.evaluate, names_cache=Path(state_dir, "vectorlm-lm-eval-tasks.json"))
+        check_chat_template(config)
+
+
+def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
+    """The data files and the model directory (:func:`check_experiment`)."""
+    for (key, path), source in zip(config.data.paths.items(), config.data.sources):
+        check_source(path, key=key, fields=source.data.fields, split=source.data.split)
+    if config.data.eval is not None:  # read with the first source's settings, by its tokenize job
+        first = config.data.sources[0].data
+        check_source(config.data.eval, key="data.eval", fields=first.fields, split=first.split)
+    if model_will_be_built and not Path(config.model).exists():
+        return
+    check_model_dir(config.model)
+    check_max_seq_len(config.max_seq_len, config.model)
+
+
+# tracker -> the modules it needs and the packages that provide them (MLflow's local store is SQLite, through
+# SQLAlchemy and alembic: the full mlflow package has them, mlflow-skinny does not)
+TRACKER_PACKAGES = {"tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                    "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow-skinny sqlalchemy alembic")}  # fmt: skip
+
+
+def check_trackers(names: tuple[str, ...] | list[str]) -> None:
+    """A ConfigError naming ``train.report_to`` and the package for each tracker that is not installed."""
+
+    def needs(name: str) -> tuple[str, ...]:
+        local = name != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI")
+        return TRACKER_PACKAGES[name][0] if local else TRACKER_PACKAGES[name][0][:1]
+
+    missing = [name for name in names if any(importlib.util.find_spec(m) is None for m in needs(name))]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[name][1] for name in missing)
+        raise ConfigError(
+            f"train.report_to asks for {', '.join(missing)}, which is not installed: pip install "
+            f"'vectorlm-pipeline[tracking]' (all backends) or pip install {packages}"
+        )
+
+
+def check_attention(config: Config, *, cache: str | Path, model_digest: str) -> None:
+    """An explicit train.attention that the model does not support (Gemma-2 and sdpa, GPT-2 and flex attention) fails
+    here, naming the ones it supports. Finding them imports torch and transformers (seconds), so the answer is kept in
+    ``cache`` per model (``model_digest``) and transformers version; auto needs no check (it picks among them)."""
+    requested = config.train.attention
+    if requested == "auto" or not Path(config.model).is_dir():  # the example model is built by the workflow
+        return
+    key = f"{model_digest} {config.trust_remote_code} transformers {importlib.metadata.version('transformers')}"
+    cache = Path(cache)
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in stored:
+        from vectorlm.hub.meta_model import causal_lm_class
+        from vectorlm.train.attention import supported_attention
+
+        model_class = causal_lm_class(config.model, trust_remote_code=config.trust_remote_code)
+        stored = {key: {"class": model_class.__name__, "supported": list(supported_attention(model_class))}}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(stored))
+        partial.replace(cache)
+    if requested not in stored[key]["supported"]:
+        from vectorlm.train.attention import unsupported_attention
+
+        raise ConfigError(unsupported_attention(requested, stored[key]["class"], stored[key]["supported"]))
+
+
+def check_resources(resources: Mapping[str, Any], *, config: Config) -> Placement:
+    """The train rule's resources (as set by the rule, a profile or --set-resources: Snakemake's raw values), checked
+    for sense before any job is submitted (vectorlm/train/placement.py)."""
+    return check_train_resources(resources, train=config.train, threads=resources["_cores"])

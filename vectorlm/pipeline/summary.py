@@ -1,0 +1,60 @@
+"""What the workflow prints when it succeeds: how the eval loss moved, where the model is, the evaluation when it is
+current, and the warnings of the data stages that a user would otherwise not see."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vectorlm.config_schema import without_operational
+from vectorlm.packed import STATS_FILE
+from vectorlm.run_dir import RunDir
+
+
+def summary_lines(
+    run: RunDir, *, evaluate_settings: dict[str, Any] | None, evaluate_fingerprint: dict[str, str] | None
+) -> list[str]:
+    """The lines to print for the experiment in ``run``, from what its stages wrote (a narrower target, such as
+    convert_hf, leaves some of it out). ``evaluate_settings`` (the evaluate params, None without an evaluate section)
+    and ``evaluate_fingerprint`` say which evaluation is current."""
+    lines = []
+    if run.summary.is_file():
+        summary = json.loads(run.summary.read_text())
+        lines.append(
+            f"\nvectorlm: eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} after "
+            f"{summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on {summary['world_size']} "
+            f"rank(s)); model: {run.hf_model}\n"
+        )
+    if (results := current_evaluation(run, settings=evaluate_settings, fingerprint=evaluate_fingerprint)) is not None:
+        for row in results.get("compared_to_base", []):
+            lines.append(
+                f"vectorlm: evaluate: {row['task']} {row['metric']} {row['base']:.4f} (base) -> {row['trained']:.4f} "
+                "(trained)"
+                if row["base"] is not None
+                else f"vectorlm: evaluate: {row['task']} {row['metric']} {row['trained']:.4f}"
+            )
+        lines.append(f"vectorlm: evaluation: {run.evaluate.table}\n")
+    stats = run.packed / STATS_FILE
+    if stats.is_file():
+        lines += [f"vectorlm: WARNING: {warning} (see {stats})\n" for warning in json.loads(stats.read_text())
+                  .get("warnings", [])]  # fmt: skip
+    return lines
+
+
+def current_evaluation(
+    run: RunDir, *, settings: dict[str, Any] | None, fingerprint: dict[str, str] | None
+) -> dict[str, Any] | None:
+    """evaluate/results.json when it is of the current hf_model, evaluate ``settings`` and task files
+    (``fingerprint``), else None."""
+    path = run.evaluate.results
+    if settings is None or not path.is_file() or not run.hf_model.exists():
+        return None
+    results = json.loads(path.read_text())
+    made = results.get("vectorlm", {})
+    if (
+        path.stat().st_mtime < run.hf_model.stat().st_mtime
+        or without_operational("evaluate", made.get("settings", {})) != settings
+        or made.get("fingerprint") != fingerprint
+    ):
+        return None
+    return results

@@ -1,0 +1,169 @@
+"""Where an experiment's artifacts lie: the layout of its ``output_dir`` and of the ``cache_dir`` experiments share.
+
+The workflow's rules declare these paths as their outputs, and the stages, the report, ``compare`` and the end-of-run
+summary find what they read through them, so each is spelled once, here. (Inside an artifact, the stage that writes it
+owns the names: a checkpoint's files and its ``.partial`` and ``.invalid`` siblings are vectorlm/train/checkpoint.py's,
+for one.) Standard library only: the Snakefile uses it when it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """An experiment's ``output_dir``: what each stage writes into it."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def name(self) -> str:
+        """The experiment's name, as trackers show it: the directory's last part."""
+        return self.root.resolve().name
+
+    def log(self, stage: str) -> Path:
+        """The log of ``stage`` (``tokenize/<source>`` for a source's tokenize job)."""
+        return self.root / "logs" / f"{stage}.log"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def tokenize_logs(self) -> Path:
+        """Links to the logs of the tokenize jobs of the experiment's sources, ``<source>.log``."""
+        return self.logs / "tokenize"
+
+    @property
+    def tokenized(self) -> Path:
+        """link_data: a link per source of data.train to its tokenize job's cache entry."""
+        return self.root / "tokenized"
+
+    @property
+    def packed(self) -> Path:
+        """link_data: links to the files of pack's cache entry."""
+        return self.root / "packed"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def job(self) -> Path:
+        """The training job every rank reads (written by the train stage before it starts them)."""
+        return self.train / "job.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON object per logged step and per evaluation."""
+        return self.train / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        """The finished training run: eval losses, throughput, the final checkpoint (train's declared output)."""
+        return self.train / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step}"
+
+    @property
+    def tracking(self) -> Path:
+        """Where the experiment trackers of train.report_to keep their runs."""
+        return self.root / "tracking"
+
+    @property
+    def consolidated(self) -> Path:
+        return self.root / "consolidated"
+
+    @property
+    def hf_model(self) -> Path:
+        return self.root / "hf_model"
+
+    @property
+    def hf_adapter(self) -> Path:
+        return self.root / "hf_adapter"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def evaluate(self) -> Evaluation:
+        """The trained model's evaluation (and the base model's, with evaluate.compare_base)."""
+        return Evaluation(self.root / "evaluate")
+
+
+_CHECKPOINT = re.compile(r"step_(\d+)")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint directory named as :meth:`RunDir.checkpoint` names them, else None."""
+    match = _CHECKPOINT.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class CacheDir:
+    """The ``cache_dir`` experiments share: entries named by a key, a digest of what makes them
+    (vectorlm/pipeline/cache_keys.py)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def tokenized(self, key: str) -> Path:
+        """One source of data.train, tokenized."""
+        return self.root / "tokenized" / key
+
+    def packed(self, key: str) -> Path:
+        return self.root / "packed" / key
+
+    def log(self, stage: str, key: str) -> Path:
+        """The log of the ``stage`` job (tokenize or pack) that made the entry ``key``."""
+        return self.root / "logs" / f"{stage}-{key}.log"
+
+    def evaluation(self, key: str) -> Evaluation:
+        """A base model's evaluation, shared by the experiments on that base model."""
+        return Evaluation(self.root / "evaluate" / key)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A directory the evaluate stage writes: lm-evaluation-harness's results, a table of them, greedy generations."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def table(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def generations(self) -> Path:
+        return self.root / "generations.jsonl"
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.results, self.table, self.generations
+
+    @property
+    def base(self) -> Evaluation:
+        """The base model's evaluation beside the trained model's, for the comparison."""
+        return Evaluation(self.root / "base")
