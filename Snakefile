@@ -35,3 +35,7 @@ rule all:
 
 onsuccess:
     report_summary()
+
+
+onerror:
+    report_interruption()

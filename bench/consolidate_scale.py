@@ -13,8 +13,10 @@ every DCP call (what DCP's own reader does, and consolidation did before) runs o
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -51,6 +53,23 @@ class ChunkSource:
 
     def resolve_data(self, item: WriteItem) -> torch.Tensor:
         return self.tensors[item.index]
+
+
+def write_sparse_weights(model_dir: Path) -> None:
+    """The base model's safetensors file as consolidation reads it (the tensors' names, shapes and dtypes in its
+    header, which say the layout to export), its data a sparse hole: no bytes are written."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_pretrained(model_dir))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in model.state_dict().items():
+        size = tensor.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(model_dir / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
 
 
 def write_checkpoint(path: Path, model_dir: Path, *, ranks: int) -> None:
@@ -126,8 +145,9 @@ def main() -> None:
         for number, hidden in enumerate(args.hidden):
             model_dir, checkpoint = tmp / f"model{hidden}", tmp / f"ckpt{hidden}"
             LlamaConfig(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                        num_hidden_layers=args.layers, num_attention_heads=hidden // 64,
-                        num_key_value_heads=hidden // 64).save_pretrained(model_dir)  # fmt: skip
+                        num_hidden_layers=args.layers, num_attention_heads=max(1, hidden // 64),
+                        num_key_value_heads=max(1, hidden // 64)).save_pretrained(model_dir)  # fmt: skip
+            write_sparse_weights(model_dir)
             start = time.perf_counter()
             write_checkpoint(checkpoint, model_dir, ranks=args.ranks)
             written = time.perf_counter() - start

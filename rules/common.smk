@@ -14,18 +14,14 @@ from vectorlm.pipeline.cache_keys import (
     base_evaluation_key,
 )
 from vectorlm.pipeline.evaluate_tasks import local_task_files
-from vectorlm.pipeline.fingerprint import (
-    FileDigests,
-    StageFingerprints,
-    built_model_digests,
-    model_digests,
-)
+from vectorlm.file_digests import FileDigests, model_digests
+from vectorlm.pipeline.fingerprint import StageFingerprints, built_model_digests
 from vectorlm.pipeline.preflight import (
     check_attention,
     check_experiment,
     check_resources,
 )
-from vectorlm.pipeline.summary import summary_lines
+from vectorlm.pipeline.summary import interrupted_line, summary_lines
 from vectorlm.run_dir import CacheDir, RunDir
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.
@@ -186,6 +182,12 @@ def check_train_resources(rule):
     check_resources(
         {name: resource.raw for name, resource in rule.resources.items()}, config=CFG
     )
+
+
+def report_interruption():
+    """Printed last when the workflow fails: that training was interrupted, if it was, and how to continue."""
+    if (line := interrupted_line(RUN)) is not None:
+        print(line)
 
 
 def report_summary():

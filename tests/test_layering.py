@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "vectorlm"
 # The modules outside subpackages are the ground floor that every side may import: the config, its schema, logging,
-# the run directory's layout and what pack and train agree on about packed rows.
+# the run directory's layout, what pack and train agree on about packed rows, and content digests of files.
 GROUND = {
     "vectorlm",
     "vectorlm.config",
@@ -26,6 +26,7 @@ GROUND = {
     "vectorlm.log",
     "vectorlm.run_dir",
     "vectorlm.packed",
+    "vectorlm.file_digests",
 }
 FLOORS = {
     "ground": 0,

@@ -9,6 +9,7 @@ values against it, add the checks a schema cannot express and raise :class:`Conf
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,7 +357,10 @@ def write_stage_config(directory: str | Path, settings: dict[str, Any], *, upstr
     the file beside the final model holds everything that produced it.
     """
     resolved = resolved_config(settings, upstream=upstream)
-    Path(directory, STAGE_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    with open(Path(directory, STAGE_CONFIG), "w") as f:
+        f.write(yaml.safe_dump(resolved, sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())  # a checkpoint holds it: on the disk before the checkpoint is renamed into place
     return resolved
 
 

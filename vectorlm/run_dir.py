@@ -55,6 +55,11 @@ class RunDir:
         return self.root / "train"
 
     @property
+    def lock(self) -> Path:
+        """Held by the training that runs (vectorlm/train/run_lock.py): one at a time per experiment."""
+        return self.train / ".lock"
+
+    @property
     def job(self) -> Path:
         """The training job every rank reads (written by the train stage before it starts them)."""
         return self.train / "job.yaml"

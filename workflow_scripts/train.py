@@ -1,5 +1,6 @@
 """Snakemake adapter: run the distributed training job (rule ``train``) on ``resources.tasks`` ranks."""
 
+import logging
 import sys
 
 from vectorlm.config import LoraSettings, TrainConfig
@@ -19,5 +20,6 @@ with logged_stage("train", sm.log[0]):
     check_job(job, ranks=placement.ranks)
     try:
         launch_training(job, placement=placement, log_path=sm.log[0])
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved: rerunning (or a requeue) continues the run
+    except Preempted as stopped:  # a checkpoint was saved: rerunning (or a requeue) continues the run
+        logging.getLogger("vectorlm").warning("%s", stopped)  # the log's last line says so
+        sys.exit(PREEMPTED_EXIT_CODE)

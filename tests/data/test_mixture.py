@@ -155,3 +155,27 @@ def test_weights_written_as_strings_are_numbers():
     config = Config.from_dict({"model": "m", "output_dir": "o", "max_seq_len": 128,
                                "data": {"train": [{"path": "a.jsonl", "weight": "1e-1"}]}})  # fmt: skip
     assert config.data.sources[0].weight == 0.1
+
+
+def test_a_mixture_with_an_eval_file_evaluates_on_that_file(tmp_path, tiny_model_dir, corpus_rows):
+    """data.eval beside a mixture: the first source's tokenize job reads the eval file, the others have no eval split
+    of their own (an empty split that datasets could not load back, before), and pack evaluates on the file alone."""
+    import dataclasses
+
+    from tests.conftest import write_jsonl
+    from vectorlm.data.tokenize import run_tokenize
+
+    paths = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows)) for name, rows in (
+        ("web", corpus_rows[:200]), ("books", corpus_rows[200:300]), ("code", corpus_rows[300:340]),
+        ("held_out", corpus_rows[400:430]))}  # fmt: skip
+    data = DataConfig(train=tuple({"path": paths[n]} for n in ("web", "books", "code")), eval=paths["held_out"])
+    tokenized = []
+    for index, source in enumerate(data.sources):  # as the workflow's tokenize jobs do (pipeline/cache_keys.py)
+        settings = {**dataclasses.asdict(source.data), "eval": data.eval if index == 0 else None}
+        tokenized.append(tmp_path / source.name)
+        run_tokenize(model_dir=tiny_model_dir, data=DataConfig(**settings), output_dir=tokenized[-1], hold_out=False)
+    stats = run_pack(tokenized_dir=tokenized, max_seq_len=128, output_dir=tmp_path / "packed", weights=[0.6, 0.3, 0.1],
+                     names=[s.name for s in data.sources])  # fmt: skip
+    assert stats["eval"]["documents"] == 30 and stats["train"]["documents"] > 0
+    assert [s["eval_documents"] for s in stats["sources"].values()] == [30, 0, 0]
+    assert len(datasets.load_from_disk(str(tmp_path / "packed"))["eval"]) == stats["eval"]["rows"] > 0

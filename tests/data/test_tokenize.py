@@ -7,9 +7,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.conftest import write_jsonl
-from vectorlm.config import DataConfig
+from vectorlm.config import ConfigError, DataConfig
 from vectorlm.data.sources import DataError
-from vectorlm.data.tokenize import document_boundaries, run_tokenize
+from vectorlm.data.tokenize import document_boundaries, load_tokenizer, run_tokenize
 
 CHATML = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -246,3 +246,38 @@ def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, tiny_model_dir
     (docs / "b.txt").write_bytes(b"first line\nsecond \xff line\n")
     with pytest.raises(DataError, match=r"b\.txt line 2: not UTF-8 text \(byte 0xff"):
         tokenize(tmp_path / "dir", tiny_model_dir, docs)
+
+
+def test_a_chat_template_that_raises_names_the_key_and_the_row(tmp_path, tiny_model_dir):
+    """Before, the template's own exception surfaced from inside the tokenize job without naming either."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    odd = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no system turn"},
+                        {"role": "tool", "content": "42"}]}  # fmt: skip
+    strict = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m['role'] == 'tool' %}"
+                            "{{ raise_exception('tool turns are not supported') }}{% endif %}")  # fmt: skip
+    assert strict != CHATML
+    with pytest.raises(DataError, match=r"train\.jsonl: row 2: data.chat_template cannot render this conversation: "
+                                        r"TemplateError: tool turns are not supported"):  # fmt: skip
+        tokenize(tmp_path, tiny_model_dir, [good, odd, good], messages_field="messages", chat_template=strict)
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_and_a_missing_eos_is_the_model_s(tmp_path, tiny_model_dir,
+                                                                                              corpus_rows):  # fmt: skip
+    import shutil
+
+    bigger = tmp_path / "bigger"
+    shutil.copytree(tiny_model_dir, bigger)
+    config = json.loads((bigger / "config.json").read_text())
+    (bigger / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
+    with pytest.raises(ConfigError, match=r"config key model: the tokenizer of .*bigger has 300 tokens, more than "
+                                          r"the model's 200 embeddings"):  # fmt: skip
+        load_tokenizer(bigger)
+    no_eos = tmp_path / "no-eos"
+    shutil.copytree(tiny_model_dir, no_eos)
+    settings = json.loads((no_eos / "tokenizer_config.json").read_text())
+    settings.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert AutoTokenizer.from_pretrained(no_eos).eos_token_id is None  # a tokenizer that names no end token
+    _, tokenized = tokenize(tmp_path, no_eos, corpus_rows[:20])
+    first = all_rows(tokenized)[0]["input_ids"]
+    assert first[-1] == config["eos_token_id"]  # documents end with the model's EOS (config.json), as before

@@ -161,3 +161,87 @@ def test_the_smoke_test_generates_only_below_the_size_limit(trained, tiny_model_
     with caplog.at_level("INFO"):
         assert smoke_test(root / "hf-smoke", prompt="Once", max_bytes=size - 1) is None
     assert "not loading the model to generate" in caplog.text and "export.smoke_test_max_size" in caplog.text
+
+
+def edited_metadata(checkpoint, target, edit):
+    """A copy of ``checkpoint`` at ``target`` whose DCP metadata ``edit`` changed (a crafted or damaged checkpoint)."""
+    import pickle
+
+    shutil.copytree(checkpoint, target)
+    metadata = pickle.loads((target / ".metadata").read_bytes())  # written by this module's own training run
+    edit(metadata.state_dict_metadata)
+    (target / ".metadata").write_bytes(pickle.dumps(metadata))
+    return target
+
+
+def test_a_checkpoint_that_claims_another_shape_or_leaves_rows_out_is_not_exported(trained, tiny_model_dir, tmp_path):
+    """Before, consolidate wrote such a tensor with uninitialised rows, and the export's check (headers only) passed."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    _root, summary = trained
+    name = "model.model.norm.weight"
+
+    def claim_a_longer_tensor(entries):
+        entries[name].size = torch.Size([entries[name].size[0] * 2])
+
+    def lose_a_chunk(entries):
+        entries[name].chunks = entries[name].chunks[:1]
+
+    def overlap(entries):
+        first = entries[name].chunks[0]
+        entries[name].chunks = [first, ChunkStorageMetadata(first.offsets, first.sizes)]
+
+    cases = [(claim_a_longer_tensor, r"model.model.norm.weight is stored as \(128,\), the model's is \(64,\)"),
+             (lose_a_chunk, r"the chunks of model.model.norm.weight do not cover all of it"),
+             (overlap, r"chunks of model.model.norm.weight overlap")]  # fmt: skip
+    for edit, message in cases:
+        crafted = edited_metadata(summary["checkpoint"], tmp_path / edit.__name__ / "step_6", edit)
+        with pytest.raises(ValueError, match=message):
+            consolidate(crafted, model_dir=tiny_model_dir, output_dir=tmp_path / edit.__name__ / "c",
+                        export=ExportConfig())  # fmt: skip
+        assert not (tmp_path / edit.__name__ / "c" / INDEX_FILE).exists()
+
+
+def test_the_export_check_reads_every_tensor_s_data_against_its_checksum(trained, tiny_model_dir, tmp_path):
+    _root, summary = trained
+    consolidate(summary["checkpoint"], model_dir=tiny_model_dir, output_dir=tmp_path / "c", export=ExportConfig())
+    convert_hf(tmp_path / "c", model_dir=tiny_model_dir, output_dir=tmp_path / "hf")
+    index = json.loads((tmp_path / "hf" / INDEX_FILE).read_text())
+    assert len(index["metadata"]["sha256"]) == len(index["weight_map"])
+    assert check_export(tmp_path / "hf") == index["metadata"]["total_size"]
+    for damage, message in (("flip", "the data of model.norm.weight is not what was written"),
+                            ("truncate", r"bytes, but its header describes .*: the file is damaged")):  # fmt: skip
+        copy = tmp_path / damage
+        shutil.copytree(tmp_path / "hf", copy)  # hard links of consolidate's files: copies of their own here
+        file = copy / index["weight_map"]["model.norm.weight"]
+        data = bytearray(file.read_bytes())
+        header = int.from_bytes(data[:8], "little")
+        entry = json.loads(data[8 : 8 + header])["model.norm.weight"]
+        if damage == "flip":  # one byte inside the tensor: the headers, shapes and file length all still agree
+            data[8 + header + entry["data_offsets"][0] + 5] ^= 0xFF
+        else:
+            data = data[:-4]
+        file.unlink()
+        file.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=message):
+            check_export(copy)
+
+
+def test_auto_exports_the_base_checkpoint_s_own_dtype(trained, tiny_model_dir, tmp_path):
+    """A bf16 base whose config.json declares no dtype: before, auto exported fp32 weights (the dtype of the model
+    training builds) under a config.json that said bfloat16."""
+    _root, summary = trained
+    base = tmp_path / "bf16-base"
+    LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for tokenizer_file in tiny_model_dir.glob("*token*"):
+        shutil.copy(tokenizer_file, base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps(config))
+    consolidate(summary["checkpoint"], model_dir=base, output_dir=tmp_path / "c", export=ExportConfig())
+    convert_hf(tmp_path / "c", model_dir=base, output_dir=tmp_path / "hf", smoke_test_prompt="Once")
+    with safe_open(str(next((tmp_path / "hf").glob("*.safetensors"))), framework="pt") as f:
+        names = f.keys()
+        assert {f.get_slice(name).get_dtype() for name in names} == {"BF16"}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16

@@ -5,7 +5,7 @@ import pytest
 
 from vectorlm.config import ConfigError
 from vectorlm.data.tokenize import load_tokenizer
-from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir
+from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir, read_header
 
 
 def test_model_dir_checks(tmp_path, tiny_model_dir):
@@ -44,3 +44,26 @@ def test_max_seq_len_limit(tmp_path, tiny_model_dir):
     check_max_seq_len(1024, tmp_path)
     with pytest.raises(ConfigError, match=r"max_seq_len: 2048 is above the model's n_positions \(1024\)"):
         check_max_seq_len(2048, tmp_path)
+
+
+def test_a_broken_config_or_truncated_weights_are_named_before_any_job(tmp_path, tiny_model_dir):
+    """Before, a config.json that is not JSON raised a bare JSONDecodeError while the DAG was built, and truncated
+    weights were found only after tokenize and pack, in two ranks' tracebacks."""
+    broken = tmp_path / "broken-config"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ConfigError, match=r"config key model: .*broken-config/config.json is not valid JSON"):
+        check_model_dir(broken)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ConfigError, match=r"config key model: .*truncated/model.safetensors is truncated: "):
+        check_model_dir(truncated)
+    indexed = tmp_path / "indexed"
+    shutil.copytree(tiny_model_dir, indexed)
+    (indexed / "model.safetensors").rename(indexed / "model-00001-of-00001.safetensors")
+    names = dict.fromkeys(read_header(indexed / "model-00001-of-00001.safetensors"), "model-00001-of-00002.safetensors")
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    with pytest.raises(ConfigError, match=r"model-00001-of-00002.safetensors is missing"):
+        check_model_dir(indexed)

@@ -135,3 +135,16 @@ def test_a_chat_template_is_required_before_any_job(tiny_model_dir):
         check_chat_template(Config.from_dict(raw))
     chat = {"train": "x.jsonl", "messages_field": "messages", "chat_template": "{{ messages }}"}
     check_chat_template(Config.from_dict({**raw, "data": chat}))
+
+
+def test_the_python_file_a_function_tag_runs_is_the_one_fingerprinted(tmp_path):
+    """Which file lm-evaluation-harness runs for ``!function lib.fns.g``, asked of its own task loader: lib/fns.py
+    beside the YAML (not lib.fns.py); that file is the one the evaluate stage's fingerprint watches."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    (tmp_path / "lib.fns.py").write_text("def g(docs):\n    return 'ran lib.fns.py'\n")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "fns.py").write_text("def g(docs):\n    return 'ran lib/fns.py'\n")
+    task = Path(write_task(tmp_path, "task: t\nprocess_docs: !function lib.fns.g\n"))
+    assert load_yaml(task, resolve_func=True)["process_docs"](None) == "ran lib/fns.py"
+    assert task_files(task)[0] == [task, tmp_path / "lib" / "fns.py"]

@@ -4,16 +4,8 @@ import os
 import struct
 from pathlib import Path
 
-from vectorlm.pipeline.fingerprint import (
-    BLOCK,
-    SAMPLE_ABOVE,
-    SAMPLE_BLOCKS,
-    FileDigests,
-    code_digest,
-    files_under,
-    imported_modules,
-    tree_digest,
-)
+from vectorlm.file_digests import BLOCK, SAMPLE_ABOVE, SAMPLE_BLOCKS, FileDigests, files_under, tree_digest
+from vectorlm.pipeline.fingerprint import code_digest, imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from vectorlm.pipeline.summary import summary_lines
+from vectorlm.pipeline.summary import interrupted_line, summary_lines
 from vectorlm.run_dir import RunDir
 
 SETTINGS = {"tasks": ["cloze.yaml"], "prompts": [], "limit": None}
@@ -60,3 +60,15 @@ def test_an_evaluation_of_other_settings_tasks_or_an_older_model_is_not_printed(
 def test_a_run_that_stopped_early_prints_what_there_is(tmp_path):
     run = RunDir(tmp_path / "nothing-yet")
     assert summary_lines(run, evaluate_settings=None, evaluate_fingerprint=None) == []
+
+
+def test_a_workflow_that_failed_because_training_was_interrupted_says_so_last(tmp_path):
+    run = RunDir(tmp_path / "exp")
+    assert interrupted_line(run) is None
+    run.logs.mkdir(parents=True)
+    run.log("train").write_text("12:00 INFO vectorlm.train.trainer: step 7/24 ...\n12:01 WARNING vectorlm: training "
+                                "was interrupted by a stop signal (SIGTERM, SIGUSR1 or Ctrl-C) after saving a checkpoint "
+                                "of step 7; rerun the same command to continue it (see logs/train.log)\n")  # fmt: skip
+    assert interrupted_line(run).startswith("\nvectorlm: training was interrupted by a stop signal")
+    run.log("train").write_text("12:01 ERROR vectorlm: train failed: RuntimeError: training failed: ...\n")
+    assert interrupted_line(run) is None

@@ -18,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.conftest import run_training
-from vectorlm.config import ExportConfig, LoraSettings, TrainConfig
+from vectorlm.config import ConfigError, ExportConfig, LoraSettings, TrainConfig
 from vectorlm.export.consolidate import consolidate
 from vectorlm.train.checkpoint import list_checkpoints, problem_with
 from vectorlm.train.checkpoint_reader import SafeFileSystemReader, UnsafeCheckpointError
@@ -158,7 +158,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_used(reference, 
 
     run_training(tmp_path, tiny_model_dir, packed_dir, **RUN)
     log = (tmp_path / "logs" / "train.log").read_text()
-    assert f"checkpoint {newest} is unusable ({shard.name} is truncated" in log
+    assert f"checkpoint {newest} is damaged ({shard.name} is truncated" in log and f"{newest}.invalid" in log
     assert f"step_{newest_step - 4} (step {newest_step - 4})" in log and ".step_99.partial" in log
     assert max_difference(tmp_path / "checkpoints" / "step_24", ref_out / "checkpoints" / "step_24") <= 1e-6
 
@@ -169,7 +169,8 @@ def test_interrupted_run_refuses_changed_data_and_accepts_changed_lr(tmp_path, t
     wait_for_checkpoint(tmp_path, 4, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    with pytest.raises(RuntimeError, match="training exited with status 1"):
+    # The ranks' own error is the job's error line.
+    with pytest.raises(RuntimeError, match=r"training failed: vectorlm.config_schema.ConfigError: refusing to resume"):
         run_training(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "seed": 4})
     assert "refusing to resume from" in (tmp_path / "logs" / "train.log").read_text()
     assert "since then seed changed (seed: 3 -> 4)" in (tmp_path / "logs" / "train.log").read_text()
@@ -182,7 +183,7 @@ def test_finished_run_is_not_retrained_and_a_changed_one_starts_anew(reference, 
     ref_out, ref = tmp_path / "run", reference[1]
     shutil.copytree(reference[0], ref_out)
     again = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "eval_every": 12})
-    assert again["summary"] == ref["summary"]
+    assert again["summary"] == {**ref["summary"], "checkpoint": str(ref_out / "checkpoints" / "step_24")}
     assert "already finished with these settings; nothing to train" in (ref_out / "logs" / "train.log").read_text()
 
     longer = run_training(ref_out, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 28})
@@ -218,7 +219,8 @@ def test_checkpoint_data_files_must_lie_inside_it(reference, tmp_path):
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(UnsafeCheckpointError, match=r"a data file lies outside the checkpoint \(\.\./\.\./elsewhere"):
         SafeFileSystemReader(str(checkpoint)).read_metadata()
-    assert "UnsafeCheckpointError" in problem_with(checkpoint)
+    with pytest.raises(UnsafeCheckpointError):  # refused: it cannot be read here, which is no damage to set aside
+        problem_with(checkpoint)
 
 
 class CreatesFile:
@@ -234,7 +236,7 @@ class CreatesFile:
 def test_a_checkpoint_of_pickles_runs_no_code_on_resume_or_consolidation(reference, tmp_path, tiny_model_dir,
                                                                           packed_dir):  # fmt: skip
     """Every entry of the newest checkpoint, under its real name, replaced by a pickle that would create a file."""
-    ref_out, ref = reference
+    ref_out, _ = reference
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     shutil.copytree(ref_out, out)
     crafted = out / "checkpoints" / "step_24"
@@ -250,15 +252,12 @@ def test_a_checkpoint_of_pickles_runs_no_code_on_resume_or_consolidation(referen
         consolidate(crafted, model_dir=tiny_model_dir, output_dir=tmp_path / "consolidated", export=ExportConfig())
     assert not marker.exists()
 
-    # The run's final checkpoint is unusable: set aside, and the run resumes from step 20 to the same model.
-    resumed = run_training(out, tiny_model_dir, packed_dir, **RUN)
+    # The run's final checkpoint cannot be read here (refused): the run stops, naming it, and leaves it as it is.
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(RuntimeError, match=r"training failed: .*UnsafeCheckpointError: .*step_24/\.metadata: entry"):
+        run_training(out, tiny_model_dir, packed_dir, **RUN)
     assert not marker.exists()
-    log = (out / "logs" / "train.log").read_text()
-    assert f"checkpoint {crafted} is unusable (UnsafeCheckpointError" in log and "resumed from" in log
-    assert (out / "checkpoints" / "step_24.invalid").is_dir()
-    assert [s["step"] for s in resumed["steps"]] == list(range(1, 25))
-    assert max_difference(crafted, ref_out / "checkpoints" / "step_24") <= 1e-6
-    assert resumed["summary"]["final_eval_loss"] == pytest.approx(ref["summary"]["final_eval_loss"], abs=1e-6)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_refusal_reaches_every_rank_before_any_work(tmp_path, tiny_model_dir, packed_dir):
@@ -270,3 +269,196 @@ def test_refusal_reaches_every_rank_before_any_work(tmp_path, tiny_model_dir, pa
     with pytest.raises(RuntimeError):
         run_training(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 3, "warmup_steps": 1})
     assert "is not below train.max_steps (3)" in (tmp_path / "logs" / "train.log").read_text()
+
+
+# --- faults: what is damaged is set aside, what cannot be read here stops the run, nothing is ever lost ----------
+
+
+def copied_checkpoints(reference, tmp_path) -> Path:
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference[0] / "checkpoints", root)
+    shutil.copy(root / "step_24" / "train_state.json", tmp_path / "reference_state.json")
+    return root
+
+
+def plan(root: Path):
+    """plan_start as rank 0 asks it, with the settings the reference ran with (as its final checkpoint says)."""
+    from vectorlm.train.resume import plan_start
+
+    state = json.loads((root.parent / "reference_state.json").read_text())
+    return plan_start(root, fingerprint=state["fingerprint"], train=state["train"], max_steps=24)
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def rewrite_metadata(checkpoint: Path, edit) -> None:
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # written by this module's own training run
+    edit(metadata)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_a_checkpoint_that_cannot_be_read_here_stops_the_run_and_is_left_where_it_is(reference, tmp_path, monkeypatch):
+    """Before, such a checkpoint was renamed .invalid, then the one before it, and training restarted from step 0."""
+    import collections
+    import errno
+
+    from vectorlm.train import checkpoint
+    from vectorlm.train.checkpoint_reader import CheckpointUnreadable
+
+    root = copied_checkpoints(reference, tmp_path)
+    before = names(root)
+    original = (root / "step_24" / ".metadata").read_bytes()
+
+    def other_classes(metadata):  # what a checkpoint of another torch version may hold
+        metadata.storage_meta = collections.OrderedDict()
+
+    rewrite_metadata(root / "step_24", other_classes)
+    with pytest.raises(CheckpointUnreadable, match="refusing to unpickle collections.OrderedDict"):
+        plan(root)
+    assert names(root) == before
+    (root / "step_24" / ".metadata").write_bytes(original)
+
+    def io_error(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(checkpoint, "read_metadata_file", io_error)
+    with pytest.raises(CheckpointUnreadable, match="Input/output error"):
+        plan(root)
+    monkeypatch.undo()
+    state = json.loads((root / "step_24" / "train_state.json").read_text())
+    (root / "step_24" / "train_state.json").write_text(json.dumps({**state, "version": 99}))
+    with pytest.raises(CheckpointUnreadable, match="is of version 99; this vectorlm reads versions 0 to 1"):
+        plan(root)
+    assert names(root) == before
+
+
+@pytest.mark.parametrize("fault", ["transform", "oversized item", "symbolic link", "fifo"])
+def test_a_crafted_checkpoint_is_refused_before_anything_is_read(reference, tmp_path, tiny_model_dir, fault):
+    """A decompression transform (a few bytes expanding to gigabytes), an item longer than its tensor, a link to
+    another checkpoint's file, a FIFO that would block a reader forever: refused by resume planning and by
+    consolidation alike, and nothing is moved."""
+    from vectorlm.train.checkpoint_reader import CheckpointUnreadable
+
+    root = copied_checkpoints(reference, tmp_path)
+    crafted = root / "step_24"
+    if fault == "transform":
+        rewrite_metadata(crafted, lambda m: setattr(next(iter(m.storage_data.values())), "transform_descriptors",
+                                                    ["zstd"]))  # fmt: skip
+        message = r"declares the transforms \['zstd'\]"
+    elif fault == "oversized item":
+        rewrite_metadata(crafted, lambda m: setattr(next(iter(m.storage_data.values())), "length", 2**31))
+        message = "more than its tensor block can take"
+    elif fault == "symbolic link":
+        shard = next(crafted.glob("*.distcp"))
+        shard.unlink()
+        shard.symlink_to(root / "step_20" / shard.name)
+        message = "is a symbolic link"
+    else:
+        os.mkfifo(crafted / "rng" / "rank_0.cuda")
+        message = "is not a regular file"
+    before = names(root)
+    with pytest.raises(CheckpointUnreadable, match=message):
+        plan(root)
+    with pytest.raises(CheckpointUnreadable, match=message):
+        consolidate(crafted, model_dir=tiny_model_dir, output_dir=tmp_path / "c", export=ExportConfig())
+    assert names(root) == before
+
+
+def test_damaged_checkpoints_are_set_aside_never_deleted_and_none_left_means_no_fresh_start(reference, tmp_path):
+    from vectorlm.train.resume import NoUsableCheckpoint
+
+    root = copied_checkpoints(reference, tmp_path)
+    (root / "step_24" / "rng" / "rank_1.cpu").write_bytes(b"")  # damaged: its random number generator state
+    found = plan(root)
+    assert found.action == "resume" and found.checkpoint == str(root / "step_20")
+    assert names(root) == ["step_20", "step_24.invalid"]
+    shard = next((root / "step_20").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(NoUsableCheckpoint, match="none can be resumed .*step_20.invalid, step_24.invalid.*mv "):
+        plan(root)
+    with pytest.raises(NoUsableCheckpoint):  # a rerun does not start from the base model either
+        plan(root)
+    shutil.copytree(reference[0] / "checkpoints" / "step_24", root / "step_24")
+    (root / "step_24" / "train_state.json").write_text("{")  # damaged again: set aside beside the first
+    with pytest.raises(NoUsableCheckpoint):
+        plan(root)
+    assert names(root) == ["step_20.invalid", "step_24.invalid", "step_24.invalid-2"]
+
+
+def test_a_checkpoint_that_fails_to_load_is_set_aside_and_the_previous_one_resumed(reference, tmp_path,
+                                                                                    tiny_model_dir, packed_dir):  # fmt: skip
+    """Every file of the newest checkpoint is there and long enough, but a stored item does not load (its zip
+    record's signature is gone): the ranks agree, set it aside and load the one before, and train on exactly as a run
+    resumed from that one does. Before, the failure crashed every rerun."""
+    ref_out, _ = reference
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    for out in (clean, faulty):
+        shutil.copytree(ref_out, out)
+        (out / "train" / "summary.json").unlink()
+    shutil.rmtree(clean / "checkpoints" / "step_24")  # resumes from step 20
+    newest = faulty / "checkpoints" / "step_24"
+    info = next(iter(pickle.loads((newest / ".metadata").read_bytes()).storage_data.values()))
+    shard = newest / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset : info.offset + 4] = b"XXXX"
+    shard.write_bytes(bytes(data))
+    assert problem_with(newest) is None  # nothing a check of the files can see
+
+    longer = {**RUN, "max_steps": 28}  # a finished run continued: step 24 is loaded, and fails
+    resumed = run_training(faulty, tiny_model_dir, packed_dir, **longer)
+    log = (faulty / "logs" / "train.log").read_text()
+    assert f"checkpoint {newest} is damaged (it failed to load on rank" in log and "resumed from" in log
+    assert (faulty / "checkpoints" / "step_24.invalid").is_dir()
+    expected = run_training(clean, tiny_model_dir, packed_dir, **longer)
+    losses = {s["step"]: s["loss"] for s in resumed["steps"]}
+    assert [losses[s["step"]] for s in expected["steps"] if s["step"] > 20] == pytest.approx(
+        [s["loss"] for s in expected["steps"] if s["step"] > 20], abs=1e-6
+    )
+
+
+def test_a_finished_run_s_summary_is_rebuilt_from_the_run_directory(reference, tmp_path, tiny_model_dir, packed_dir):
+    """What the checkpoint's train state says never chooses a path: a summary that names another checkpoint (which
+    consolidate would export) is not copied."""
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    final = out / "checkpoints" / "step_24"
+    state = json.loads((final / "train_state.json").read_text())
+    lie = {**state["summary"], "checkpoint": "/elsewhere/checkpoints/step_24", "initial_eval_loss": 123.0}
+    (final / "train_state.json").write_text(json.dumps({**state, "summary": lie}))
+    again = run_training(out, tiny_model_dir, packed_dir, **RUN)
+    assert "already finished with these settings" in (out / "logs" / "train.log").read_text()
+    assert again["summary"]["checkpoint"] == str(final)
+    assert again["summary"]["initial_eval_loss"] == pytest.approx(ref["summary"]["initial_eval_loss"])
+    assert again["summary"]["final_eval_loss"] == pytest.approx(ref["summary"]["final_eval_loss"])
+
+
+def test_new_base_weights_with_the_same_config_do_not_resume_the_old_run(reference, tmp_path, tiny_model_dir,
+                                                                         packed_dir):  # fmt: skip
+    """Before, the resume check hashed only config.json: a run (or a LoRA adapter) trained on other weights went on."""
+    from safetensors.torch import load_file, save_file
+
+    from vectorlm.train.resume import plan_start, run_fingerprint
+    from vectorlm.train.train_state import TrainState
+
+    root = copied_checkpoints(reference, tmp_path)
+    (root / "step_24").rename(root / "moved")  # step_20: an interrupted run
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    state = TrainState.read(root / "step_20")
+    same = run_fingerprint(model_dir=model, packed_dir=packed_dir, seed=RUN["seed"])
+    assert same == state.fingerprint
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    changed = run_fingerprint(model_dir=model, packed_dir=packed_dir, seed=RUN["seed"])
+    assert changed["model_config"] == same["model_config"] and changed["model_weights"] != same["model_weights"]
+    with pytest.raises(ConfigError, match="since then model_weights changed"):
+        plan_start(root, fingerprint=changed, train=state.train, max_steps=24)
+    legacy = {k: v for k, v in state.fingerprint.items() if k != "model_weights"}  # written before it was recorded
+    (root / "step_20" / "train_state.json").write_text(
+        TrainState(**{**state.__dict__, "fingerprint": legacy}).to_json()
+    )
+    assert plan_start(root, fingerprint=changed, train=state.train, max_steps=24).action == "resume"

@@ -184,3 +184,48 @@ def test_a_failed_background_save_stops_every_rank_at_the_next_save(tmp_path, ti
     assert (tmp_path / "rank0.txt").read_text().startswith("the previous checkpoint failed (NotADirectoryError")
     assert (tmp_path / "rank1.txt").read_text() == "the previous checkpoint failed (on another rank); see the log"
     assert not (tmp_path / "step_2").exists() and (tmp_path / ".step_1.partial").is_dir()
+
+
+def save_and_record_syncs(env, model_dir: Path, out: Path) -> None:
+    """A checkpoint saved while every fsync is recorded (the path of the descriptor and the time), and every rename."""
+    import os
+
+    from vectorlm.data.loader import DataPosition
+    from vectorlm.train.checkpoint import Checkpointer
+    from vectorlm.train.train_state import TrainState
+
+    synced, renamed, real_fsync, real_rename = [], [], os.fsync, Path.rename
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def rename(self, target):
+        renamed.append((str(self), str(target), len(synced)))
+        return real_rename(self, target)
+
+    os.fsync, Path.rename = fsync, rename
+    try:
+        cfg = TrainConfig(mixed_precision=False)
+        model, _ = build_model(model_dir, env, train=cfg, lora=LoraSettings(), attention="sdpa")
+        checkpointer = Checkpointer(group=env.checkpoint_group, asynchronous=True, device=env.device)
+        checkpointer.save(out / "step_1", model=model, optimizer=build_optimizer(model, cfg),
+                          train_state=TrainState(step=1, world_size=1, data=DataPosition(), eval_losses={}),
+                          settings={"train": cfg}, upstream=out, keep=2)  # fmt: skip
+        checkpointer.close()
+    finally:
+        os.fsync, Path.rename = real_fsync, real_rename
+    (out / "syncs.json").write_text(json.dumps({"synced": synced, "renamed": renamed}))
+
+
+def test_every_file_of_a_checkpoint_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, tiny_model_dir):
+    run_on_ranks(save_and_record_syncs, 1, tiny_model_dir, tmp_path)
+    record = json.loads((tmp_path / "syncs.json").read_text())
+    partial = str(tmp_path / ".step_1.partial")
+    [(_, target, synced_before)] = [r for r in record["renamed"] if r[0] == partial]
+    assert target == str(tmp_path / "step_1")
+    synced = {path.removesuffix(".tmp") for path in record["synced"][:synced_before]}  # DCP's .metadata.tmp, renamed
+    files = {str(p).replace(target, partial) for p in Path(target).rglob("*") if p.is_file()}
+    assert files <= synced, files - synced  # tensors, .metadata, train_state.json, RNG states, the configuration
+    assert {partial, f"{partial}/rng"} <= synced  # the directories' entries too
+    assert str(tmp_path) in record["synced"][synced_before:]  # and, after the rename, the directory that holds it

@@ -122,9 +122,17 @@ def test_indivisible_global_batch_fails_before_any_rank_starts(tmp_path, tiny_mo
 
 
 def test_hybrid_sharding_on_one_node_fails_clearly(tmp_path, tiny_model_dir, packed_dir):
-    with pytest.raises(RuntimeError, match="training exited with status"):
+    with pytest.raises(RuntimeError, match=r"training failed: .*ConfigError: train.sharding: hybrid needs ranks on at "
+                                           r"least 2 nodes"):  # the ranks' own error is the job's  # fmt: skip
         run_training(tmp_path, tiny_model_dir, packed_dir, max_steps=1, sharding="hybrid")
-    assert "train.sharding: hybrid needs ranks on at least 2 nodes" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_fewer_packed_rows_than_one_global_batch_fail_before_any_rank_starts(tmp_path, tiny_model_dir, packed_dir):
+    """Before, the sentence was only inside two ranks' tracebacks."""
+    rows = json.loads((packed_dir / "stats.json").read_text())["train"]["rows"]
+    with pytest.raises(ConfigError, match=rf"train\.global_batch_size \({rows * 2}\) is more than the {rows} packed"):
+        run_training(tmp_path, tiny_model_dir, packed_dir, max_steps=1, global_batch_size=rows * 2)
+    assert not (tmp_path / "train" / "job.yaml").exists()
 
 
 def test_training_stops_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_model_dir, packed_dir):
@@ -133,7 +141,7 @@ def test_training_stops_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_
     weights = load_file(broken / "model.safetensors")
     weights["model.norm.weight"][0] = math.nan  # every loss, hence every gradient norm, is NaN
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(RuntimeError, match="training exited with status 1"):
+    with pytest.raises(RuntimeError, match="training failed: vectorlm.train.trainer.NonFiniteGradients: 3 steps in a"):
         run_training(tmp_path / "out", broken, packed_dir, max_steps=10, max_nonfinite_steps=3, micro_batch_size=4)
     log = (tmp_path / "out" / "logs" / "train.log").read_text()
     assert "3 steps in a row (by step 3) had a NaN or Inf gradient norm and were skipped" in log

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from vectorlm.data.loader import DataPosition
+from vectorlm.train.checkpoint_reader import CheckpointUnreadable
 from vectorlm.train.train_state import TRAIN_STATE, VERSION, TrainState, TrainStateError
 
 STATE = TrainState(step=12, world_size=2, data=DataPosition(1, 16), eval_losses={0: 6.25, 12: 3.5}, final=False,
@@ -40,7 +41,6 @@ def test_a_record_of_before_versions_reads_with_the_defaults_of_its_time(tmp_pat
         (json.dumps({"step": 3, "world_size": 1, "eval_losses": {}}), "has no data"),
         (json.dumps({"step": 3, "world_size": 1, "data": {"epoch": 0}, "eval_losses": {}}), "no data position"),
         (json.dumps({"step": "3", "world_size": 1, "data": {}, "eval_losses": {}}), "step is '3', not int"),
-        (json.dumps({"version": VERSION + 1, "step": 3}), f"of version {VERSION + 1}; this vectorlm reads"),
     ],
 )
 def test_a_record_that_cannot_be_read_says_why(tmp_path, content, message):
@@ -48,3 +48,11 @@ def test_a_record_that_cannot_be_read_says_why(tmp_path, content, message):
         (tmp_path / TRAIN_STATE).write_text(content)
     with pytest.raises(TrainStateError, match=message):
         TrainState.read(tmp_path)
+
+
+def test_a_record_of_a_newer_version_cannot_be_read_here_which_is_not_damage(tmp_path):
+    """A newer vectorlm wrote it: the run stops (the checkpoint is not set aside as damaged)."""
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"version": VERSION + 1, "step": 3}))
+    with pytest.raises(CheckpointUnreadable, match=f"of version {VERSION + 1}; this vectorlm reads") as raised:
+        TrainState.read(tmp_path)
+    assert not isinstance(raised.value, TrainStateError)

@@ -44,7 +44,12 @@ def render_with_assistant_spans(
     """
 
     def render(part: list[dict[str, str]], *, prompt: bool) -> str:
-        return _render(tokenizer, part, template=template, prompt=prompt)
+        try:
+            return _render(tokenizer, part, template=template, prompt=prompt)
+        except TemplateError as error:  # a syntax error, or one the template raises (raise_exception)
+            whose = "data.chat_template" if template is not None else "the tokenizer's chat template"
+            raise DataError(f"{where}: {whose} cannot render this conversation: {type(error).__name__}: "
+                            f"{error}") from error  # fmt: skip
 
     text = render(messages, prompt=False)
     spans, untrained = [], 0

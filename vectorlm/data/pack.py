@@ -356,11 +356,12 @@ def run_pack(
     splits, stats = {}, {"max_seq_len": max_seq_len, "packing": packing, "chunk_overlap": overlap}
     digest = hashlib.sha256()  # hardware-accelerated: ~2x blake2b here
     with partial_dir(output_dir) as tmp:
-        for split in parts[0]:
-            sizes = [len(part[split]) for part in parts]
-            dataset = (
-                datasets.concatenate_datasets([part[split] for part in parts]) if len(parts) > 1 else parts[0][split]
-            )
+        for split in ("train", "eval"):  # a source of a mixture with data.eval has no eval split
+            sizes = [len(part[split]) if split in part else 0 for part in parts]
+            present = [part[split] for part in parts if split in part]
+            if not present:
+                raise DataError(f"no source has a {split} split: {', '.join(map(str, dirs))}")
+            dataset = datasets.concatenate_datasets(present) if len(present) > 1 else present[0]
             digest.update(split.encode())
             splits[split], stats[split] = pack_dataset(
                 dataset, max_seq_len=max_seq_len, path=tmp / split, digest=digest, overlap=overlap, packing=packing,
@@ -378,7 +379,7 @@ def run_pack(
         stats["sources"] = dict(zip(names, stats["train"].pop("sources")))
         for name, part in zip(names, parts):
             source = stats["sources"][name]
-            source["eval_documents"] = len(part["eval"])
+            source["eval_documents"] = len(part["eval"]) if "eval" in part else 0
             log.info("source %s: %s of the training tokens (weight share %s), %.2f times its tokens", name,
                      f"{source['share']:.1%}", f"{source['target_share']:.1%}", source["times_repeated"])  # fmt: skip
             for warning in _mixture_warnings(name, source):

@@ -40,20 +40,39 @@ from vectorlm.data.sources import (
     locate_non_utf8,
     require_fields,
 )
-from vectorlm.hub.model_dir import check_model_dir
+from vectorlm.hub.model_dir import check_model_dir, read_model_config
 from vectorlm.log import Progress
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The model directory's tokenizer, preferring the fast (Rust) implementation."""
+    """The model directory's tokenizer, preferring the fast (Rust) implementation, checked against the model: no more
+    tokens than the model has embeddings, and an end-of-document token (the model's own, from its config.json, when
+    the tokenizer names none)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as error:
         raise ConfigError(f"config key model: cannot load the tokenizer of {model_dir}: {error}") from error
     if not tokenizer.is_fast:
         log.warning("%s has no fast tokenizer; tokenizing with the slow Python one", model_dir)
+    config = read_model_config(model_dir)
+    text = config.get("text_config", config)
+    vocab_size = text.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ConfigError(f"config key model: the tokenizer of {model_dir} has {len(tokenizer):,} tokens, more than "
+                          f"the model's {vocab_size:,} embeddings (vocab_size in config.json): ids from {vocab_size:,} "
+                          "on would fail in training; use the model's own tokenizer, or resize its embeddings")  # fmt: skip
+    if tokenizer.eos_token_id is None:
+        eos = text.get("eos_token_id", config.get("eos_token_id"))
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int) and 0 <= eos < len(tokenizer):
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+            log.warning("the tokenizer of %s names no EOS token: documents end with the model's eos_token_id %d (%r, "
+                        "config.json)", model_dir, eos, tokenizer.eos_token)  # fmt: skip
+        else:
+            log.warning("neither the tokenizer of %s nor its config.json names an EOS token: documents get no end "
+                        "token, so the model does not learn where one ends", model_dir)  # fmt: skip
     return tokenizer
 
 
@@ -266,7 +285,11 @@ def run_tokenize(
             if len(tokenized[split]) == 0 and (split == "train" or hold_out or data.eval is not None):
                 skips = stats["train"] + stats["eval"]  # held-out rows are counted with train, where they were read
                 raise DataError(f"no {split} rows left after skipping: {_describe(skips)}")
-        tokenized.save_to_disk(str(output_dir))
+        # A source of a mixture with data.eval has no eval split of its own (the first source's job reads the file).
+        # It is left out: datasets writes no data file for an empty split, and then cannot load the DatasetDict.
+        datasets.DatasetDict({split: rows for split, rows in tokenized.items() if len(rows)}).save_to_disk(
+            str(output_dir)
+        )
     return _finish_stats(stats, seconds, output_dir, model_dir=model_dir, data=data, trust=trust_remote_code)
 
 

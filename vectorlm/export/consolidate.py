@@ -8,6 +8,7 @@ stored chunk once), so its peak memory is about one output shard, never the whol
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from vectorlm.config import ExportConfig, LoraSettings, read_stage_config, write
 from vectorlm.export.checkpoint_blocks import CheckpointBlocks
 from vectorlm.hub.layout import Piece, by_key, file_layout, written_pieces
 from vectorlm.hub.meta_model import build_empty_model, parameter_shapes
-from vectorlm.hub.shards import tensor_shapes, weight_files, write_sharded
+from vectorlm.hub.shards import tensor_shapes, weight_files, weights_dtype, write_sharded
 from vectorlm.train.checkpoint_reader import SafeFileSystemReader
 from vectorlm.train.lora import apply_lora, save_adapter
 
@@ -29,12 +30,40 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # the training checkpoint holds {"model": ..., "optim": ...}
 
 
-def export_dtype(export: ExportConfig, model_config) -> torch.dtype:
-    """The dtype to write: the configured one, or for ``auto`` the base model's own (float32 when it says none)."""
+def export_dtype(export: ExportConfig, model_dir: str | Path) -> torch.dtype:
+    """The dtype to write: the configured one, or for ``auto`` the base checkpoint's own, read from its files (not
+    from its config.json, which may declare none, and not from a model built from it, which training builds in
+    fp32)."""
     if export.dtype != "auto":
         return getattr(torch, export.dtype)
-    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return weights_dtype(Path(model_dir))
+
+
+def check_coverage(checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each tensor the export reads is in the checkpoint with the model's shape, and its stored chunks cover it
+    exactly (inside it, not overlapping, nothing left out): otherwise the export would hold rows no chunk wrote.
+
+    Raises:
+        ValueError: naming the checkpoint, the tensor and what is wrong.
+    """
+    for name, shape in shapes.items():
+        entry = saved.get(name)
+        if entry is None:
+            raise ValueError(f"checkpoint {checkpoint} lacks {name}")
+        if tuple(entry.size) != tuple(shape):
+            raise ValueError(
+                f"checkpoint {checkpoint}: {name} is stored as {tuple(entry.size)}, the model's is {shape}"
+            )
+        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
+        for offsets, sizes in boxes:
+            if any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
+                raise ValueError(f"checkpoint {checkpoint}: a chunk of {name} at {offsets} lies outside {shape}")
+        for i, (a_offsets, a_sizes) in enumerate(boxes):
+            for b_offsets, b_sizes in boxes[i + 1 :]:
+                if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(a_offsets, a_sizes, b_offsets, b_sizes)):
+                    raise ValueError(f"checkpoint {checkpoint}: chunks of {name} overlap at {a_offsets}, {b_offsets}")
+        if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(shape):
+            raise ValueError(f"checkpoint {checkpoint}: the chunks of {name} do not cover all of it {shape}")
 
 
 def weight_shapes(model_dir: str | Path, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
@@ -78,10 +107,15 @@ def consolidate(
     if lora.enabled:
         output_dir.mkdir(parents=True, exist_ok=True)
         adapter = {k.removeprefix(MODEL_PREFIX): v for k, v in saved.items() if k.startswith(MODEL_PREFIX)}
-        tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in adapter.items()}
-        dcp.load({"model": tensors}, storage_reader=reader)
         peft_model, _ = apply_lora(build_empty_model(model_dir, trust_remote_code=trust_remote_code),
                                    lora, seed=0)  # fmt: skip
+        expected = {k: tuple(v.shape) for k, v in peft_model.state_dict().items() if ".lora_" in k}
+        if set(adapter) != set(expected):
+            raise ValueError(f"checkpoint {checkpoint} holds other adapter tensors than lora.* makes for {model_dir}: "
+                             f"{sorted(set(adapter) ^ set(expected))[:3]}")  # fmt: skip
+        check_coverage(checkpoint, saved, {MODEL_PREFIX + k: shape for k, shape in expected.items()})
+        tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in adapter.items()}
+        dcp.load({"model": tensors}, storage_reader=reader)
         # In training's fp32: peft computes adapters in fp32 whatever the base's dtype, and the merge adds them in fp32.
         save_adapter(peft_model, tensors, output_dir, base=str(model_dir))
         write_stage_config(output_dir, settings, upstream=checkpoint)
@@ -89,11 +123,13 @@ def consolidate(
                  f"{sum(t.numel() for t in tensors.values()):,}")  # fmt: skip
         return {"tensors": len(tensors), "adapter": True, "dtype": str(torch.float32)}
     blocks, model = base_layout(model_dir, trust_remote_code=trust_remote_code)
-    names = list(parameter_shapes(model))
+    params = parameter_shapes(model)
+    names = list(params)
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
-    dtype = export_dtype(export, model.config)
+    check_coverage(checkpoint, saved, {MODEL_PREFIX + name: shape for name, shape in params.items()})
+    dtype = export_dtype(export, model_dir)
     shapes = {key: piece.file_shape for key, (_, piece) in blocks.items()}
     fused = {name for name, count in Counter(name for name, _ in blocks.values()).items() if count > 1}
     chunks = CheckpointBlocks(reader)  # the metadata already read

@@ -21,7 +21,7 @@ from vectorlm.export.consolidate import export_dtype
 from vectorlm.export.merge import merge_adapter
 from vectorlm.hub.layout import file_layout
 from vectorlm.hub.meta_model import build_empty_model, parameter_shapes
-from vectorlm.hub.shards import DTYPES, INDEX_FILE, read_header, weight_files
+from vectorlm.hub.shards import DTYPES, INDEX_FILE, read_header, verify_files, weight_files
 from vectorlm.train.lora import ADAPTER_FILES
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def convert_hf(
     output_dir.mkdir(parents=True, exist_ok=True)
     stage = read_stage_config(consolidated)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    config.dtype = export_dtype(ExportConfig(dtype=stage["export"]["dtype"]), config)
+    config.dtype = export_dtype(ExportConfig(dtype=stage["export"]["dtype"]), model_dir)  # what consolidate wrote
     config.use_cache = True  # training turned it off; generation wants it
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if stage.get("data", {}).get("chat_template") is not None:  # the template training used, so that inference
@@ -97,18 +97,21 @@ def convert_hf(
 
 
 def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> int:
-    """Checks an exported model without loading its weights; returns their size in bytes.
+    """Checks an exported model without loading it into a model; returns the size of its weights in bytes.
 
     Every weight of the model its config describes (built on the meta device) is in the files with its shape and,
-    for floating-point weights, the config's dtype; the index maps each tensor to the file that holds it, and lists
-    every tensor of its files; the tokenizer loads. Works at any size: only the files' headers are read.
+    for floating-point weights, the dtype config.json declares; the index maps each tensor to the file that holds it,
+    and lists every tensor of its files; each file is as long as its header says, and each tensor's data has the
+    checksum recorded when it was written (:func:`vectorlm.hub.shards.verify_files`: the files are read once, a
+    block at a time, at any size); the tokenizer loads.
 
     Raises:
         ValueError: naming the first problem found.
     """
     model_dir = Path(model_dir)
     model = build_empty_model(model_dir, trust_remote_code=trust_remote_code)
-    dtype = export_dtype(ExportConfig(), model.config)
+    declared = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).dtype
+    dtype = getattr(torch, declared) if isinstance(declared, str) else declared or torch.float32
     listed = weight_files(model_dir)
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(set(listed.values())):
@@ -131,6 +134,7 @@ def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> i
     if extra := sorted(set(found) - set(used)):
         log.warning("%s holds %d tensor(s) the model does not use (from_pretrained ignores them): %s", model_dir,
                     len(extra), ", ".join(extra[:5]))  # fmt: skip
+    verify_files(model_dir)
     AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     size = sum(entry["range"][1] - entry["range"][0] for entry in found.values())
     log.info("checked %s: %d tensors, %.2f GB in %s, index complete, tokenizer loads", model_dir, len(found),

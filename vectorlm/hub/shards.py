@@ -8,6 +8,7 @@ memory until the file is closed. The safetensors library and ``from_pretrained``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 
+from vectorlm.hub.model_dir import INDEX_FILE, header_of, read_header, weight_files
 from vectorlm.log import format_duration
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+CHECKSUMS = "sha256"  # in the index's metadata: tensor -> the SHA-256 of its bytes as written
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -50,9 +51,16 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], *, dtype: torch.dtype, load: Loader) -> None:
+def write_safetensors(
+    path: Path, shapes: dict[str, tuple[int, ...]], *, dtype: torch.dtype, load: Loader
+) -> dict[str, str]:
     """Writes one safetensors file of ``shapes`` in ``dtype``, asking ``load`` for about ``LOAD_BUDGET_BYTES`` of
-    tensors at a time (any dtype: they are cast on the way)."""
+    tensors at a time (any dtype: they are cast on the way); returns each tensor's checksum (SHA-256 of its bytes).
+
+    Raises:
+        ValueError: a tensor ``load`` gives is not of the shape the header declares (the file would hold other data
+            than its header says).
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
@@ -64,10 +72,17 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], *, dtype: 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         sizes = {n: header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in shapes}
+        checksums = {}
         for group in plan_shards(sizes, LOAD_BUDGET_BYTES):
             tensors = load(group)
             for name in group:
-                f.write(tensors.pop(name).to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                tensor = tensors.pop(name)
+                if tuple(tensor.shape) != tuple(shapes[name]):
+                    raise ValueError(f"{name} is of shape {tuple(tensor.shape)}, the model's is {tuple(shapes[name])}")
+                data = tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data
+                checksums[name] = hashlib.sha256(data).hexdigest()
+                f.write(data)
+    return checksums
 
 
 def write_sharded(
@@ -78,44 +93,67 @@ def write_sharded(
     sizes = {n: math.prod(shape) * dtype.itemsize for n, shape in shapes.items()}
     shards = plan_shards(sizes, max_shard_bytes)
     output_dir.mkdir(parents=True, exist_ok=True)
-    weight_map, total, written, start = {}, sum(sizes.values()), 0, time.monotonic()
+    weight_map, checksums, total, written, start = {}, {}, sum(sizes.values()), 0, time.monotonic()
     log.info("writing %d tensors, %.2f GB in %s, to %d file(s) in %s", len(shapes), total / 1e9, dtype, len(shards),
              output_dir)  # fmt: skip
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(output_dir / file_name, {n: shapes[n] for n in shard}, dtype=dtype, load=load)
+        checksums |= write_safetensors(output_dir / file_name, {n: shapes[n] for n in shard}, dtype=dtype, load=load)
         weight_map.update(dict.fromkeys(shard, file_name))
         written += sum(sizes[n] for n in shard)
         left = (time.monotonic() - start) / written * (total - written) if written else 0.0
         log.info("wrote %s (%d of %d files, %d tensors; %.2f of %.2f GB, %s left)", file_name, number, len(shards),
                  len(shard), written / 1e9, total / 1e9, format_duration(left))  # fmt: skip
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    # The checksums let the export's check (vectorlm/export/convert.py) verify every tensor's data at any size.
+    index = {"metadata": {"total_size": sum(sizes.values()), CHECKSUMS: checksums}, "weight_map": weight_map}
     (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensors of a safetensors file: name -> dtype, shape and absolute byte range in the file."""
-    with open(path, "rb") as f:
-        return _header(f)
+def verify_files(model_dir: Path) -> int:
+    """Checks the data of a model directory's safetensors files against their headers without loading a model: each
+    file is exactly as long as its header says, and each tensor's bytes have the checksum recorded when they were
+    written (:func:`write_sharded`, where the index has them). Reads the files once, a block at a time; returns the
+    bytes checked.
 
-
-def _header(f) -> dict[str, dict[str, Any]]:
-    (length,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    for entry in header.values():
-        start, end = entry["data_offsets"]
-        entry["range"] = (8 + length + start, 8 + length + end)
-    return header
-
-
-def weight_files(model_dir: Path) -> dict[str, Path]:
-    """Which file of ``model_dir`` holds each tensor (from the index, or the single ``model.safetensors``)."""
+    Raises:
+        ValueError: naming the file and the tensor.
+    """
+    files = weight_files(model_dir)
     index = model_dir / INDEX_FILE
-    if index.is_file():
-        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    return dict.fromkeys(read_header(model_dir / SINGLE_FILE), model_dir / SINGLE_FILE)
+    recorded = json.loads(index.read_text()).get("metadata", {}).get(CHECKSUMS, {}) if index.is_file() else {}
+    checked = 0
+    for path in sorted(set(files.values())):
+        with open(path, "rb") as f:
+            header = header_of(f)
+            end = max((entry["range"][1] for entry in header.values()), default=f.tell())
+            if (size := path.stat().st_size) != end:
+                raise ValueError(f"{path}: {size:,} bytes, but its header describes {end:,}: the file is damaged")
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["range"]):
+                if name not in recorded:
+                    continue
+                f.seek(entry["range"][0])
+                digest, left = hashlib.sha256(), entry["range"][1] - entry["range"][0]
+                while left:
+                    block = f.read(min(left, 2**24))
+                    digest.update(block)
+                    left -= len(block)
+                if digest.hexdigest() != recorded[name]:
+                    raise ValueError(f"{path}: the data of {name} is not what was written (checksum mismatch)")
+                checked += entry["range"][1] - entry["range"][0]
+    return checked
+
+
+def weights_dtype(model_dir: Path) -> torch.dtype:
+    """The floating dtype that holds most of the elements of a model directory's safetensors files: the dtype of the
+    checkpoint itself, whatever its config.json declares (float32 when it has no floating tensor)."""
+    elements: dict[torch.dtype, int] = {}
+    for path in sorted(set(weight_files(model_dir).values())):
+        for entry in read_header(path).values():
+            dtype = DTYPES[entry["dtype"]]
+            if dtype.is_floating_point:
+                elements[dtype] = elements.get(dtype, 0) + math.prod(entry["shape"])
+    return max(elements, key=elements.__getitem__) if elements else torch.float32
 
 
 def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
@@ -145,7 +183,7 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     tensors = {}
     for path in dict.fromkeys(files[name] for name in names):
         with open(path, "rb") as f:
-            header = _header(f)
+            header = header_of(f)
             for name in (n for n in names if files[n] == path):
                 tensors[name] = read_rows(f, header, name)
     return {name: tensors[name] for name in names}

@@ -40,13 +40,15 @@ def check_experiment(config: Config, *, model_will_be_built: bool, state_dir: st
     """
     check_inputs(config, model_will_be_built=model_will_be_built)
     check_trackers(config.train.report_to)
+    check_chat_templates(config)
     if config.evaluate is not None:
         check_tasks(config.evaluate, names_cache=Path(state_dir, "vectorlm-lm-eval-tasks.json"))
         check_chat_template(config)
 
 
 def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
-    """The data files and the model directory (:func:`check_experiment`)."""
+    """The data files, the model directory and where the experiment writes (:func:`check_experiment`)."""
+    check_outputs(config)
     for (key, path), source in zip(config.data.paths.items(), config.data.sources):
         check_source(path, key=key, fields=source.data.fields, split=source.data.split)
     if config.data.eval is not None:  # read with the first source's settings, by its tokenize job
@@ -56,6 +58,52 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         return
     check_model_dir(config.model)
     check_max_seq_len(config.max_seq_len, config.model)
+
+
+def check_outputs(config: Config) -> None:
+    """output_dir and cache_dir are directories (or do not exist yet), and neither lies inside a directory of
+    training data, which the next run would read back: the experiment's own report and logs as documents."""
+    for key, path in (("output_dir", config.output_dir), ("cache_dir", config.cache_dir)):
+        where = Path(path)
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"config key {key}: {path} is a file, not a directory; choose another {key}")
+        for data_key, data_path in config.data.paths.items():
+            data = Path(data_path).resolve()
+            if data.is_dir() and (where.resolve() == data or data in where.resolve().parents):
+                raise ConfigError(f"config key {key}: {path} lies inside the data directory {data_path} "
+                                  f"({data_key}), whose files are read as documents: the next run would train on "
+                                  f"the experiment's own files; choose a {key} outside it")  # fmt: skip
+
+
+def check_chat_templates(config: Config) -> None:
+    """Every chat template the config gives (data.chat_template, a mixture source's) parses as Jinja, as transformers
+    compiles it (with its ``{% generation %}`` tag and loop controls); one that raises while it renders a row is
+    named, with the row, by the tokenize job."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' AssistantTracker tag: {% generation %} ... {% endgeneration %}
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[Generation, jinja2.ext.loopcontrols])  # fmt: skip
+    sources = [("data.chat_template", config.data.chat_template)] + [
+        (f"{key} chat_template", source.data.chat_template)
+        for key, source in zip(config.data.paths, config.data.sources) if not isinstance(config.data.train, str)
+    ]  # fmt: skip
+    for key, template in sources:
+        if template is None:
+            continue
+        try:
+            environment.parse(template)
+        except jinja2.TemplateSyntaxError as error:
+            raise ConfigError(f"config key {key}: the chat template is not valid Jinja: {error.message} (line "
+                              f"{error.lineno} of the template)") from error  # fmt: skip
 
 
 # tracker -> the modules it needs and the packages that provide them (MLflow's local store is SQLite, through

@@ -22,7 +22,7 @@ def summary_lines(
         summary = json.loads(run.summary.read_text())
         lines.append(
             f"\nvectorlm: eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} after "
-            f"{summary['step']} steps ({summary['tokens_per_second']:,.0f} tokens/s on {summary['world_size']} "
+            f"{summary['step']} steps ({_number(summary['tokens_per_second'])} tokens/s on {summary['world_size']} "
             f"rank(s)); model: {run.hf_model}\n"
         )
     if (results := current_evaluation(run, settings=evaluate_settings, fingerprint=evaluate_fingerprint)) is not None:
@@ -39,6 +39,20 @@ def summary_lines(
         lines += [f"vectorlm: WARNING: {warning} (see {stats})\n" for warning in json.loads(stats.read_text())
                   .get("warnings", [])]  # fmt: skip
     return lines
+
+
+def interrupted_line(run: RunDir) -> str | None:
+    """When the workflow failed because training was interrupted by a stop signal (it saved a checkpoint first), what
+    to print last: that it was, and how to continue (the train job's last log line says both)."""
+    path = run.log("train")
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    if lines and "training was interrupted" in lines[-1]:
+        return f"\nvectorlm: {lines[-1].split(': ', 1)[-1]}\n"
+    return None
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def current_evaluation(

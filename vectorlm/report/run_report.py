@@ -107,6 +107,11 @@ def plot_data(document_lengths: np.ndarray, row_lengths: np.ndarray, max_seq_len
     _save(figure, output / "data.png")
 
 
+def _number(value: float | None) -> str:
+    """A number of the summary as the report prints it, or n/a where the run did not record it."""
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
 def write_report(run: RunDir) -> dict[str, Any]:
     """Writes the figures and ``summary.md`` of the experiment in ``run`` into its ``report/``; returns the summary's
     numbers."""
@@ -141,9 +146,9 @@ def write_report(run: RunDir) -> dict[str, Any]:
         "# Run summary", "",
         (f"- eval loss: {numbers['initial_eval_loss']:.4f} before training, {numbers['final_eval_loss']:.4f} after "
          f"{numbers['steps']} steps"),
-        f"- throughput: {numbers['tokens_per_second']:,.0f} tokens/s (median of the logged steps)",
-        f"- parameters: {numbers['parameters']:,} ({numbers['trainable_parameters']:,} trained)",
-        f"- peak memory per rank: {numbers['peak_memory_mb']:,.0f} MB",
+        f"- throughput: {_number(numbers['tokens_per_second'])} tokens/s (median of the logged steps)",
+        f"- parameters: {_number(numbers['parameters'])} ({_number(numbers['trainable_parameters'])} trained)",
+        f"- peak memory per rank: {_number(numbers['peak_memory_mb'])} MB",
         (f"- data: {len(document_lengths):,} training documents, {len(row_lengths):,} packed rows of {max_seq_len} "
          f"tokens, {numbers['packing_fill']:.1%} filled"),
         f"- model: {model.resolve()}",

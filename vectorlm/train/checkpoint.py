@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import pickle
+import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,27 +33,53 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
-from vectorlm.config import write_stage_config
+from vectorlm.config import STAGE_CONFIG, read_stage_config, write_stage_config
 from vectorlm.run_dir import checkpoint_step
-from vectorlm.train.checkpoint_reader import SafeFileSystemReader, read_metadata_file
-from vectorlm.train.train_state import TrainState, TrainStateError
+from vectorlm.train.checkpoint_reader import (
+    CheckpointUnreadable,
+    SafeFileSystemReader,
+    check_entries,
+    read_metadata_file,
+)
+from vectorlm.train.train_state import TRAIN_STATE, TrainState
 
 log = logging.getLogger(__name__)
 
+RNG_STATE_BYTES = torch.get_rng_state().numel()  # the CPU generator's state, of one size for every rank
+
 
 def problem_with(path: Path) -> str | None:
-    """Why ``path`` is not a usable checkpoint (missing marker, unreadable metadata, missing or truncated files),
-    or None when it is complete."""
+    """Why the checkpoint ``path`` is damaged (a partial write, a missing or truncated file, a file that does not parse),
+    or None when it is complete and every file it holds reads back: the train state, the DCP metadata and the files it
+    names (each long enough), the RNG states of every rank that wrote it, the configuration.
+
+    Raises:
+        CheckpointUnreadable: it cannot be read here (refused content, permission or I/O errors, another version).
+    """
     try:
-        TrainState.read(path)
+        check_entries(path)
+        state = TrainState.read(path)
         metadata = read_metadata_file(path / ".metadata")
-    except TrainStateError as error:
-        return str(error)
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:
+        recorded = read_stage_config(path)
+        if not isinstance(recorded, dict) or "train" not in recorded:
+            return f"{STAGE_CONFIG} holds no train settings"
+        if state.step != checkpoint_step(path):
+            return f"{TRAIN_STATE} is of step {state.step}, the directory of step {checkpoint_step(path)}"
+        rng = [path / "rng" / f"rank_{rank}.cpu" for rank in range(state.world_size)]
+        if bad := [f.relative_to(path) for f in rng if not f.is_file() or f.stat().st_size != RNG_STATE_BYTES]:
+            return f"the random number generator states {', '.join(map(str, bad))} are missing or of the wrong size"
+    except CheckpointUnreadable:
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        return f"{type(error).__name__}: {error}"
+    except OSError as error:  # permission, I/O: nothing says the checkpoint is damaged
+        raise CheckpointUnreadable(f"{path}: {type(error).__name__}: {error}") from error
+    except Exception as error:  # noqa: BLE001 (anything else that does not read back is damage)
         return f"{type(error).__name__}: {error}"
     sizes: dict[str, int] = {}
     for info in metadata.storage_data.values():
@@ -84,18 +110,29 @@ def remove_partial_saves(root: Path) -> None:
 def latest_valid_checkpoint(root: Path) -> tuple[Path, TrainState] | None:
     """The newest complete checkpoint under ``root`` and its train state (main process only).
 
-    Newer ones that are incomplete or damaged are reported and renamed to ``step_<N>.invalid`` so that they are never
-    picked again or mistaken for a good one.
+    Newer ones that are damaged are reported and set aside (:func:`set_aside`), so that they are never picked again
+    or mistaken for a good one.
+
+    Raises:
+        CheckpointUnreadable: the newest checkpoint that is not damaged cannot be read here; nothing is moved.
     """
     for _, path in reversed(list_checkpoints(root)):
         problem = problem_with(path)
         if problem is None:
             return path, TrainState.read(path)
-        target = path.with_name(path.name + ".invalid")
-        shutil.rmtree(target, ignore_errors=True)
-        path.rename(target)
-        log.warning("checkpoint %s is unusable (%s); moved it to %s and looking further back", path, problem, target)
+        set_aside(path, problem)
     return None
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Renames the damaged checkpoint ``path`` to ``step_<N>.invalid`` (``.invalid-2``, ... when taken: a checkpoint
+    set aside is never deleted) and logs why; returns the new name."""
+    target, number = path.with_name(f"{path.name}.invalid"), 2
+    while target.exists():
+        target, number = path.with_name(f"{path.name}.invalid-{number}"), number + 1
+    path.rename(target)
+    log.warning("checkpoint %s is damaged (%s); set it aside as %s and looking further back", path, reason, target)
+    return target
 
 
 class Checkpointer:
@@ -165,10 +202,13 @@ class Checkpointer:
                 if self.rank == 0:  # DCP's save returns on the main rank after every rank's files are written
                     write_stage_config(partial, settings, upstream=upstream)
                     train_state.write(partial)  # last: a checkpoint without it is incomplete
+                    _sync_directories(partial / "rng", partial)
                     shutil.rmtree(path, ignore_errors=True)
                     partial.rename(path)
+                    _sync_directories(path.parent)  # the rename itself survives a crash
                     _prune(path.parent, keep=keep)
-            except Exception as error:  # noqa: BLE001 (reported now; every rank fails at the next save or the end)
+            # DCP's CheckpointException is no Exception: without it here, a failed write would escape unrecorded.
+            except (Exception, CheckpointException) as error:  # noqa: BLE001 (every rank fails at the next save)
                 self._failed = f"{type(error).__name__}: {error}"
                 log.error("checkpoint %s failed on rank %d: %s", path, self.rank, self._failed)
                 return
@@ -253,9 +293,26 @@ def archive_checkpoints(root: Path) -> Path:
 
 def _save_rng(directory: Path, rank: int) -> None:
     directory.mkdir(exist_ok=True)
-    (directory / f"rank_{rank}.cpu").write_bytes(torch.get_rng_state().numpy().tobytes())
+    _write_durably(directory / f"rank_{rank}.cpu", torch.get_rng_state().numpy().tobytes())
     if torch.cuda.is_available():
-        (directory / f"rank_{rank}.cuda").write_bytes(torch.cuda.get_rng_state().numpy().tobytes())
+        _write_durably(directory / f"rank_{rank}.cuda", torch.cuda.get_rng_state().numpy().tobytes())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directories(*directories: Path) -> None:
+    """Flushes the directories' entries (files created or renamed in them) to the disk."""
+    for directory in directories:
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _load_rng(directory: Path, rank: int) -> None:

@@ -3,13 +3,15 @@ and read by every rank; and what can be checked of it before any rank starts."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from vectorlm.config import Config, LoraSettings, TrainConfig, to_plain
+from vectorlm.config import Config, ConfigError, LoraSettings, TrainConfig, to_plain
 from vectorlm.hub.meta_model import build_empty_model
+from vectorlm.packed import STATS_FILE
 from vectorlm.run_dir import RunDir
 from vectorlm.train.lora import check_targets
 
@@ -39,12 +41,18 @@ class TrainJob:
 
 
 def check_job(job: TrainJob, *, ranks: int) -> None:
-    """What would fail on every rank, checked once before any starts: the global batch divides over ``ranks``, and each
-    of ``lora.target_modules`` names layers of the model (built on the meta device: no weights are read).
+    """What would fail on every rank, checked once before any starts: the global batch divides over ``ranks`` and is
+    no larger than the packed training rows, and each of ``lora.target_modules`` names layers of the model (built on
+    the meta device: no weights are read).
 
     Raises:
         ConfigError: naming the config key, and for LoRA targets the model's layer names.
     """
     job.train.grad_accumulation_steps(ranks)
+    stats = Path(job.packed) / STATS_FILE
+    rows = json.loads(stats.read_text())["train"]["rows"] if stats.is_file() else None
+    if rows is not None and rows < job.train.global_batch_size:
+        raise ConfigError(f"train.global_batch_size ({job.train.global_batch_size}) is more than the {rows} packed "
+                          f"training rows ({stats}): lower it, or add data")  # fmt: skip
     if job.lora.enabled:
         check_targets(build_empty_model(job.model, trust_remote_code=job.trust_remote_code), job.lora)

@@ -10,29 +10,35 @@ SIGTERM by killing its workers after 30 seconds, whereas a rank told to stop mus
 write a checkpoint, however long that takes.
 
 Either way the launcher forwards stop signals to the ranks, streams their output to the log and stderr, and when one
-rank fails the others are stopped rather than left blocked in a collective.
+rank fails the others are stopped rather than left blocked in a collective; its error is the job's. Local ranks die
+with the launcher (vectorlm/train/rank.py), and the launcher holds the experiment's lock while they run
+(vectorlm/train/run_lock.py): ranks never train unsupervised, and never two trainings of one experiment at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from vectorlm.config import ConfigError
+from vectorlm.run_dir import checkpoint_step
 from vectorlm.train import rank as rank_module
 from vectorlm.train.job import TrainJob, check_job
 from vectorlm.train.placement import Placement
 from vectorlm.train.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from vectorlm.train.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +114,8 @@ def run_processes(commands: list[tuple[list[str], dict[str, str]]], *, output: C
 def local_rank_commands(command: list[str], placement: Placement, env: dict[str, str]) -> list[tuple[list[str], dict]]:
     """One process per rank on this machine; ``placement.nodes`` > 1 simulates nodes (for testing hybrid sharding)."""
     common = {**env, "WORLD_SIZE": str(placement.ranks), "LOCAL_WORLD_SIZE": str(placement.ranks_per_node),
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+              rank_module.LAUNCHER_PID: str(os.getpid())}  # fmt: skip
     return [
         (command, {**common, "RANK": str(r), "LOCAL_RANK": str(r % placement.ranks_per_node)})
         for r in range(placement.ranks)
@@ -140,6 +147,21 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
         RuntimeError: when the ranks fail, naming the exit status and the log to read.
     """
     job.train.grad_accumulation_steps(placement.ranks)
+    with run_lock(job.run.lock):
+        status, tail = _run_ranks(job, placement, log_path)
+    if status == PREEMPTED_EXIT_CODE:
+        steps = [step for path in job.run.checkpoints.glob("step_*") if (step := checkpoint_step(path)) is not None]
+        where = f" of step {max(steps)}" if steps else ""
+        raise Preempted(f"training was interrupted by a stop signal (SIGTERM, SIGUSR1 or Ctrl-C) after saving a "
+                        f"checkpoint{where}; rerun the same command to continue it (see {log_path})")  # fmt: skip
+    if status != 0:
+        errors = rank_errors(tail)
+        cause = errors[-1] if errors else "no error message in the ranks' output"
+        raise RuntimeError(f"training failed: {cause} (exit status {status}; the ranks' output is in {log_path})")
+
+
+def _run_ranks(job: TrainJob, placement: Placement, log_path: str | Path) -> tuple[int, list[str]]:
+    """Writes the job file and runs the ranks; returns their status and the last lines of their output."""
     job_file = job.run.job
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job.save(job_file)
@@ -158,18 +180,33 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
         where = "local processes"
     log.info("launching %d rank(s) on %d node(s) with %s: %s", placement.ranks, placement.nodes, where,
              " ".join(processes[0][0]))  # fmt: skip
+    tail: deque[str] = deque(maxlen=400)
     with open(log_path, "a") as log_file:
 
         def output(line: str) -> None:
             log_file.write(line)
             log_file.flush()
             sys.stderr.write(line)
+            tail.append(line.rstrip("\n"))
 
         status = run_processes(processes, output=output)
-    if status == PREEMPTED_EXIT_CODE:
-        raise Preempted(f"training stopped on a signal after saving a checkpoint; rerun to continue (see {log_path})")
-    if status != 0:
-        raise RuntimeError(f"training exited with status {status}; see {log_path}")
+    return status, list(tail)
+
+
+def rank_errors(lines: Iterable[str]) -> list[str]:
+    """The exception lines that end the tracebacks in the ranks' output (for chained exceptions, the last), each once,
+    in order: what the job's own error line says."""
+    errors: list[str] = []
+    in_traceback = False
+    for line in lines:
+        line = re.sub(r"^\[rank\d+\]: ?", "", line)  # torch.distributed's prefix of a rank's uncaught exception
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            in_traceback = False
+            if line not in errors:
+                errors.append(line)
+    return errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=1, help="number of ranks")
     parser.add_argument("--nodes", type=int, default=1, help="nodes they span (simulated locally, for tests)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
-    parser.add_argument("--log", required=True, help="file the ranks' output is appended to")
+    parser.add_argument("--log", required=True, help="file the ranks' output and the launcher's log are appended to")
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(path=args.log)
     try:
         placement = Placement(args.ranks, args.nodes, max(1, args.threads // args.ranks))
         job = TrainJob.load(args.job)

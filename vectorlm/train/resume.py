@@ -22,6 +22,7 @@ from typing import Any
 
 from vectorlm.config import ConfigError, to_plain
 from vectorlm.config_schema import OPERATIONAL_KEYS, keys_marked
+from vectorlm.file_digests import FileDigests, model_digests
 from vectorlm.packed import STATS_FILE
 from vectorlm.train.checkpoint import archive_checkpoints, latest_valid_checkpoint, remove_partial_saves
 from vectorlm.train.train_state import TrainState
@@ -44,6 +45,10 @@ def repeats_exactly(state: TrainState, *, train: dict[str, Any], world_size: int
     )
 
 
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist but none can be resumed: training does not start from the base model on its own then."""
+
+
 @dataclass(frozen=True)
 class StartPlan:
     action: str  # "fresh", "resume" or "done"
@@ -52,8 +57,9 @@ class StartPlan:
 
 
 def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int, lora=None) -> dict[str, Any]:
-    """What must not change for a checkpoint to be resumed: the model's architecture, the packed data, the seed,
-    and the LoRA adapters' shape (or their absence)."""
+    """What must not change for a checkpoint to be resumed: the model's architecture and weights (the same digest of
+    them as the workflow's, vectorlm/file_digests.py: an adapter trained on one base must not be merged into
+    another), the packed data, the seed, and the LoRA adapters' shape (or their absence)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     for volatile in ("transformers_version", "use_cache", "dtype", "torch_dtype"):
         config.pop(volatile, None)
@@ -62,6 +68,7 @@ def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int,
         raise ValueError(f"{packed_dir} was packed by an older version; repack it (snakemake --forcerun pack)")
     return {
         "model_config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+        "model_weights": model_digests(FileDigests(), model_dir)["weights"],
         "data": stats["fingerprint"],
         "max_seq_len": stats["max_seq_len"],
         "seed": seed,
@@ -70,15 +77,32 @@ def run_fingerprint(*, model_dir: str | Path, packed_dir: str | Path, seed: int,
 
 
 def plan_start(root: Path, *, fingerprint: dict[str, Any], train: dict[str, Any], max_steps: int) -> StartPlan:
-    """Looks at the checkpoints under ``root`` and decides how to start (main process only; may move files)."""
+    """Looks at the checkpoints under ``root`` and decides how to start (main process only; may move files).
+
+    Raises:
+        NoUsableCheckpoint: checkpoints exist (or were set aside as damaged), but none can be resumed.
+        CheckpointUnreadable: the newest checkpoint that is not damaged cannot be read here.
+        ConfigError: an interrupted run whose data, model, seed or LoRA settings changed since.
+    """
     remove_partial_saves(root)
     found = latest_valid_checkpoint(root)
     if found is None:
+        set_aside = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+        if set_aside:
+            raise NoUsableCheckpoint(
+                f"{root} holds checkpoints but none can be resumed (damaged, set aside: {', '.join(set_aside)}; the "
+                f"reasons are in the log). Training does not start from the base model on its own while checkpoints "
+                f"exist: to train anew, move them away (mv {root} {root}.old), or put back one you trust."
+            )
         return StartPlan("fresh")
     path, state = found
     # A checkpoint without these records (written before they existed) counts as a finished run with other settings.
     old_fingerprint, old_train = state.fingerprint, state.train
-    mismatched = [k for k, v in fingerprint.items() if old_fingerprint.get(k) != v]
+    # What checkpoints of earlier versions of vectorlm did not record (model_weights) is not held against them.
+    unrecorded = [k for k in fingerprint if old_fingerprint and k not in old_fingerprint]
+    if unrecorded:
+        log.info("%s records no %s (written by an earlier version): not compared", path, ", ".join(unrecorded))
+    mismatched = [k for k, v in fingerprint.items() if old_fingerprint.get(k) != v and k not in unrecorded]
     changed = {k: (old_train.get(k), v) for k, v in train.items() if old_train.get(k) != v}
     described = ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changed.items())
     if state.final:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from vectorlm.data.loader import DataPosition
+from vectorlm.train.checkpoint_reader import CheckpointUnreadable
 
 TRAIN_STATE = "train_state.json"
 VERSION = 1
 
 
 class TrainStateError(ValueError):
-    """A ``train_state.json`` that cannot be read: missing, not JSON, or without a field training needs."""
+    """A damaged ``train_state.json``: missing, not JSON, or without a field training needs."""
 
 
 @dataclass(frozen=True)
@@ -55,18 +56,27 @@ class TrainState:
         """The record of the checkpoint ``directory``.
 
         Raises:
-            TrainStateError: naming what is wrong with it.
+            TrainStateError: naming what is wrong with it (the checkpoint is damaged).
+            CheckpointUnreadable: a version this code does not read, or a file it may not read or cannot (permission,
+                I/O).
         """
         path = directory / TRAIN_STATE
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
+            text = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+            raise TrainStateError(f"{path}: {type(error).__name__}: {error}") from error
+        except OSError as error:
+            raise CheckpointUnreadable(f"{path}: {type(error).__name__}: {error}") from error
+        try:
+            record = json.loads(text)
+        except ValueError as error:
             raise TrainStateError(f"{path}: {type(error).__name__}: {error}") from error
         if not isinstance(record, dict):
             raise TrainStateError(f"{path} holds no JSON object")
         version = record.get("version", 0)
         if version not in (0, VERSION):
-            raise TrainStateError(f"{path} is of version {version}; this vectorlm reads versions 0 to {VERSION}")
+            raise CheckpointUnreadable(f"{path} is of version {version}; this vectorlm reads versions 0 to {VERSION}: "
+                                       "resume it with the vectorlm that wrote it")  # fmt: skip
         for name, kind in (("step", int), ("world_size", int), ("data", dict), ("eval_losses", dict)):
             if not isinstance(record.get(name), kind):
                 raise TrainStateError(f"{path} has no {name}" if name not in record else f"{path}: {name} is "

@@ -66,8 +66,9 @@ class Trainer:
             len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed, lengths=lengths
         )
         self.max_steps = self.cfg.max_steps or math.ceil(self.cfg.num_epochs * self.sampler.steps_per_epoch)
+        # Needed by the main rank only (it plans the start and writes train_state.json): the weights are read once.
         self.fingerprint = run_fingerprint(model_dir=job.model, packed_dir=job.packed, seed=self.cfg.seed,
-                                           lora=job.lora)  # fmt: skip
+                                           lora=job.lora) if env.is_main else {}  # fmt: skip
         self.position = DataPosition()  # after the last step trained
         self.eval_losses: dict[int, float] = {}
         self.throughput: list[float] = []
@@ -108,16 +109,23 @@ class Trainer:
             self.sampler.steps_per_epoch,
         )  # fmt: skip
 
-    def restore(self, plan: StartPlan) -> int:
-        """Loads the planned checkpoint; returns the last step it covers (0 for a fresh start)."""
+    def load(self, plan: StartPlan) -> float:
+        """Loads the planned checkpoint's model and optimizer state (and this rank's random number generators, on the
+        same number of ranks); returns the seconds it took. Nothing else changes, so that a checkpoint that fails to
+        load can be set aside and an older one loaded instead."""
+        same_world = plan.state.world_size == self.env.world_size
+        return load_checkpoint(Path(plan.checkpoint), model=self.model, optimizer=self.optimizer,
+                               restore_rng=same_world, trainable_only=self.job.lora.enabled,
+                               group=self.env.checkpoint_group)  # fmt: skip
+
+    def restore(self, plan: StartPlan, *, seconds: float = 0.0) -> int:
+        """Continues from the planned checkpoint, whose state :meth:`load` loaded (in ``seconds``): the data position,
+        the schedule, the evaluations and the records; returns the last step it covers (0 for a fresh start)."""
         if plan.action == "fresh":
             self.open_records(None)
             return 0
         state = plan.state
         same_world = state.world_size == self.env.world_size
-        seconds = load_checkpoint(Path(plan.checkpoint), model=self.model, optimizer=self.optimizer,
-                                  restore_rng=same_world, trainable_only=self.job.lora.enabled,
-                                  group=self.env.checkpoint_group)  # fmt: skip
         self.sampler.load_state_dict(dataclasses.asdict(state.data))
         self.position = dataclasses.replace(state.data)
         with warnings.catch_warnings():  # the schedule is replayed without optimizer steps on purpose

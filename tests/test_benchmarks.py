@@ -1,0 +1,46 @@
+"""Every benchmark under bench/ runs end to end in a tiny form on CPU, so that none can rot between the runs that
+measure (bench/consolidate_scale.py did: it no longer wrote the base weights consolidation reads). The GPU throughput
+benchmark has a test of its own (tests/test_bench_throughput.py); bench/dryrun.py times `snakemake -n` in this very
+checkout, which a test must not touch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.workflow
+
+TINY = {
+    "checkpoint_stall.py": ["--hidden", "64", "--layers", "2", "--saves", "2"],
+    "consolidate_memory.py": ["--hidden", "64", "--layers", "2", "--vocab", "256"],
+    "consolidate_scale.py": ["--hidden", "64", "128", "--layers", "2", "--ranks", "2", "--vocab", "256"],
+    "export_memory.py": ["--hidden", "64", "--layers", "2"],
+    "lora_vs_full.py": ["--hidden", "64", "--layers", "2", "--steps", "2", "--ranks", "1"],
+    "loss_memory.py": ["--vocab", "512", "--hidden", "32", "--rows", "1", "--tokens", "64"],
+    "moe_load_memory.py": ["--hidden", "64", "--layers", "1", "--experts", "2"],
+    "sampler.py": ["--rows", "1000", "--global-batch-size", "8", "--steps", "5"],
+    "tokenize_pack.py": ["--megabytes", "0.05", "--max-seq-len", "128"],
+}
+
+
+def test_every_benchmark_has_a_tiny_run():
+    assert set(TINY) == {p.name for p in (REPO / "bench").glob("*.py")} - {
+        "throughput.py",
+        "hf_baseline.py",
+        "dryrun.py",
+    }
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_the_benchmark_runs(script, tmp_path, tiny_model_dir):
+    arguments = TINY[script] + (["--model", str(tiny_model_dir)] if script == "tokenize_pack.py" else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *arguments], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.strip(), "the benchmark printed no result"
