@@ -34,9 +34,10 @@ EVERYTHING = {"tokenize", "pack", "link_data", "train", "consolidate", "convert_
 FROM_TRAIN = EVERYTHING - {"tokenize", "pack", "link_data"}  # what a change of training reruns
 
 
-def snakemake(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    """Snakemake in the copy's root, as `.venv/bin/snakemake ...` in a checkout; SIGINT after 5 minutes."""
-    command = ["timeout", "-s", "INT", "-k", "30", "300", sys.executable, "-m", "snakemake", "--cores", "2", *args]
+def snakemake(repo: Path, *args: str, minutes: int = 5) -> subprocess.CompletedProcess:
+    """Snakemake in the copy's root, as `.venv/bin/snakemake ...` in a checkout; SIGINT after ``minutes``."""
+    command = ["timeout", "-s", "INT", "-k", "30", str(60 * minutes), sys.executable, "-m", "snakemake", "--cores", "2",
+               *args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(repo)}
     return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=False)
 
@@ -266,7 +267,7 @@ def test_the_embedded_default_runs_whole_and_its_trained_model_beats_the_base_on
     """What `make run` does: plain `snakemake all`, the shipped config, nothing downloaded, evaluation included. On
     the shipped task (held-out stories: pick the ending with the hero's name among four; chance is 0.25) the trained
     model scores far above the untrained one. Last in this module: it runs the embedded default."""
-    result = snakemake(repo, "all")
+    result = snakemake(repo, "all", minutes=15)  # ~4.5 minutes on 2 cores (make run)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     out = repo / "results" / "tiny" / "evaluate"
     trained = json.loads((out / "results.json").read_text())["results"]["tiny_stories_cloze"]

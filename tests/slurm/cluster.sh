@@ -53,8 +53,9 @@ start_mariadb() {
 }
 
 write_configs() {
-    local memory
+    local memory before
     memory=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+    before=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
     mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/spool/slurm/d /var/log/slurm /run/slurm
     chown -R slurm:slurm /var/lib/slurm /var/log/slurm /run/slurm
     for i in 0 1; do [ -e /dev/fakegpu$i ] || mknod /dev/fakegpu$i c 1 3; done
@@ -80,9 +81,15 @@ MinJobAge=300
 AccountingStorageType=accounting_storage/slurmdbd
 JobAcctGatherType=jobacct_gather/linux
 GresTypes=gpu
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$((memory - 1024)) Gres=gpu:2 State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc --all) RealMemory=$((memory - 1024)) Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    if [ "$before" != "$(cat /etc/slurm/slurm.conf)" ] && running slurmctld; then
+        log "slurm.conf changed: restarting slurmctld and slurmd"  # a node's CPUs change only on a restart
+        scontrol shutdown >/dev/null 2>&1 || true
+        pkill -x slurmd 2>/dev/null || true
+        for _ in $(seq 1 100); do running slurmctld || running slurmd || break; sleep 0.2; done
+    fi
     cat >/etc/slurm/gres.conf <<EOF
 NodeName=$HOST Name=gpu File=/dev/fakegpu[0-1]
 EOF

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from tests.conftest import run_training
 from vectorlm.config import ConfigError
 from vectorlm.data.loader import GlobalBatchSampler, fetch
+from vectorlm.train.model import computes_bf16_natively
 
 # fp32 and a fixed schedule: runs that should compute the same thing must agree to float rounding.
 EXACT = {"max_steps": 4, "lr": 1e-3, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False, "seed": 5}
@@ -84,6 +85,21 @@ def test_replication_checkpointing_loss_and_compile_change_nothing(
     assert ("decoder blocks and loss compiled" in log) == bool(variant.get("compile"))
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([s[key] for s in run["steps"]], [s[key] for s in two_rank_run["steps"]], rtol=rtol)
+
+
+def test_mixed_precision_computes_in_fp32_on_a_cpu_without_native_bf16(two_rank_run, tmp_path, tiny_model_dir,
+                                                                       packed_dir):  # fmt: skip
+    """On an AVX2-only CPU (CI's) bf16 runs about 60x slower than fp32: mixed precision then computes in fp32, says so,
+    and trains exactly as the fp32 run; where bf16 is native it computes in bf16 (other losses)."""
+    native = computes_bf16_natively(torch.device("cpu"))
+    run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, "mixed_precision": True})
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert ("train.mixed_precision: this CPU has no native bf16 arithmetic" in log) == (not native)
+    losses, fp32 = [s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]]
+    if native:
+        assert not np.allclose(losses, fp32, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(losses, fp32, rtol=1e-5)
 
 
 def test_training_learns_and_reports(tmp_path, tiny_model_dir, packed_dir):

@@ -99,7 +99,7 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
     failure = None
     if env.is_main:
         try:
-            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=to_plain(job.train),
+            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=to_plain(trainer.cfg),
                                      max_steps=trainer.max_steps)  # fmt: skip
         except Exception as error:  # noqa: BLE001 (every rank raises it, rather than wait for rank 0 until a timeout)
             failure = error
