@@ -4,6 +4,7 @@ What these compose comes from vectorlm/pipeline/ (the checks before any job, fin
 summary), which imports no torch, transformers or datasets: this runs on every Snakemake call, dry runs included.
 """
 
+import time
 from pathlib import Path
 
 from vectorlm.config import Config, to_plain
@@ -23,6 +24,9 @@ from vectorlm.pipeline.preflight import (
 )
 from vectorlm.pipeline.summary import interrupted_line, summary_lines
 from vectorlm.run_dir import CacheDir, RunDir
+
+# A train log older than this does not say why this workflow failed.
+WORKFLOW_START = time.time()
 
 # The embedded example's base model is built by rule build_example instead of being downloaded.
 EXAMPLE_MODEL = "resources/tiny-llama"
@@ -186,7 +190,7 @@ def check_train_resources(rule):
 
 def report_interruption():
     """Printed last when the workflow fails: that training was interrupted, if it was, and how to continue."""
-    if (line := interrupted_line(RUN)) is not None:
+    if (line := interrupted_line(RUN, since=WORKFLOW_START)) is not None:
         print(line)
 
 

@@ -225,6 +225,13 @@ def test_the_export_check_reads_every_tensor_s_data_against_its_checksum(trained
         file.write_bytes(bytes(data))
         with pytest.raises(ValueError, match=message):
             check_export(copy)
+    unrecorded = tmp_path / "unrecorded"  # an index whose checksums were removed checks nothing: refused
+    shutil.copytree(tmp_path / "hf", unrecorded)
+    del index["metadata"]["sha256"]["model.norm.weight"]
+    (unrecorded / INDEX_FILE).unlink()
+    (unrecorded / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"no checksum of model\.norm\.weight is recorded"):
+        check_export(unrecorded)
 
 
 def test_auto_exports_the_base_checkpoint_s_own_dtype(trained, tiny_model_dir, tmp_path):

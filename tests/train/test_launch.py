@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_training
 from tests.train.test_resume import RUN, start_job, wait_for_step
-from vectorlm.train.launch import rank_errors
+from vectorlm.train.launch import job_error, rank_errors
+from vectorlm.train.run_lock import run_lock
 
 
 def children(pid: int) -> list[int]:
@@ -41,7 +41,7 @@ def test_ranks_die_with_their_launcher_and_one_training_of_a_run_at_a_time(tmp_p
                                                                           caplog):  # fmt: skip
     """Before, ranks whose launcher was SIGKILLed (the OOM killer) trained on unsupervised, and a rerun would have
     raced them over the same checkpoints."""
-    process = start_job(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    process = start_job(tmp_path, tiny_model_dir, packed_dir, **{**RUN, "max_steps": 100_000})  # ends only if killed
     wait_for_step(tmp_path, 2, process)
     ranks = children(process.pid)
     assert len(ranks) == 2
@@ -51,14 +51,16 @@ def test_ranks_die_with_their_launcher_and_one_training_of_a_run_at_a_time(tmp_p
     )  # fmt: skip
     assert second.returncode != 0
     assert f"another training of this experiment is running (pid {process.pid} on" in second.stderr
+    assert all(alive(rank) for rank in ranks)
     os.kill(process.pid, signal.SIGKILL)  # the launcher alone
     process.wait()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while any(alive(rank) for rank in ranks):
         assert time.monotonic() < deadline, "ranks outlived their launcher"
         time.sleep(0.1)
-    with caplog.at_level(logging.WARNING, logger="vectorlm"):
-        run_training(tmp_path, tiny_model_dir, packed_dir, **RUN)
+    assert not (tmp_path / "train" / "summary.json").exists()
+    with caplog.at_level(logging.WARNING, logger="vectorlm"), run_lock(tmp_path / "train" / ".lock"):
+        pass  # what the next training of this run does first
     assert f"from a training that is gone (pid {process.pid} on" in caplog.text
 
 
@@ -80,6 +82,15 @@ def test_the_job_s_error_is_the_rank_s_own():
     ]
     assert rank_errors(output) == ["ValueError: the first problem",
                                    "vectorlm.config_schema.ConfigError: refusing to resume from step_4"]  # fmt: skip
+    assert job_error(output) == "vectorlm.config_schema.ConfigError: refusing to resume from step_4"
+    peer = [
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "y.py", line 9, in <module>',
+        "[rank0]: RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer",
+    ]
+    assert job_error(output + peer) == "vectorlm.config_schema.ConfigError: refusing to resume from step_4"
+    assert job_error(peer) == peer[-1].removeprefix("[rank0]: ")  # nothing else: say what there is
+    assert job_error([]) == "no error message in the ranks' output"
 
 
 @pytest.mark.parametrize("signal_to_send", [signal.SIGTERM])

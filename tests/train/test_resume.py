@@ -462,3 +462,31 @@ def test_new_base_weights_with_the_same_config_do_not_resume_the_old_run(referen
         TrainState(**{**state.__dict__, "fingerprint": legacy}).to_json()
     )
     assert plan_start(root, fingerprint=changed, train=state.train, max_steps=24).action == "resume"
+
+
+@pytest.mark.parametrize(
+    ("error", "cannot_read"),
+    [
+        (FileNotFoundError("step_24/__0_0.distcp"), False),
+        (EOFError("Ran out of input"), False),
+        (UnicodeDecodeError("utf-8", b"\x80", 0, 1, "invalid start byte"), False),
+        (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"), False),
+        (PermissionError("step_24/__0_0.distcp"), True),
+        (OSError(5, "Input/output error"), True),
+        (MemoryError(), True),
+        (RuntimeError("Missing key in checkpoint state_dict: model.layers.0.mlp.up_proj.weight."), True),
+        (ValueError("something else"), True),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_a_load_failure_is_damage_only_with_evidence_of_damaged_content(error, cannot_read):
+    """Out of memory, a timeout or a renamed parameter must not set good checkpoints aside one after another: a
+    failure to load is damage only when the content is (a missing file, a record cut short or unreadable as one);
+    the same holds inside DCP's wrapper of the ranks' failures."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from vectorlm.train.rank import unreadable
+
+    assert unreadable(error) == cannot_read
+    assert unreadable(CheckpointException("load failed", {0: (error, None)})) == cannot_read
+    assert unreadable(CheckpointException("load failed", {0: (error, None), 1: (PermissionError("x"), None)}))

@@ -95,6 +95,8 @@ def test_mixed_precision_computes_in_fp32_on_a_cpu_without_native_bf16(two_rank_
     run = run_training(tmp_path, tiny_model_dir, packed_dir, **{**EXACT, "mixed_precision": True})
     log = (tmp_path / "logs" / "train.log").read_text()
     assert ("train.mixed_precision: this CPU has no native bf16 arithmetic" in log) == (not native)
+    state = json.loads(max((tmp_path / "checkpoints").glob("step_*/train_state.json")).read_text())
+    assert state["train"]["mixed_precision"] is True  # recorded as configured: it resumes on either kind of CPU
     losses, fp32 = [s["loss"] for s in run["steps"]], [s["loss"] for s in two_rank_run["steps"]]
     if native:
         assert not np.allclose(losses, fp32, rtol=1e-5)

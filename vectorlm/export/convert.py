@@ -134,7 +134,7 @@ def check_export(model_dir: str | Path, *, trust_remote_code: bool = False) -> i
     if extra := sorted(set(found) - set(used)):
         log.warning("%s holds %d tensor(s) the model does not use (from_pretrained ignores them): %s", model_dir,
                     len(extra), ", ".join(extra[:5]))  # fmt: skip
-    verify_files(model_dir)
+    verify_files(model_dir, require_checksums=True)  # written by consolidate or the merge: checksums everywhere
     AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     size = sum(entry["range"][1] - entry["range"][0] for entry in found.values())
     log.info("checked %s: %d tensors, %.2f GB in %s, index complete, tokenizer loads", model_dir, len(found),

@@ -110,11 +110,11 @@ def write_sharded(
     return index
 
 
-def verify_files(model_dir: Path) -> int:
+def verify_files(model_dir: Path, *, require_checksums: bool = False) -> int:
     """Checks the data of a model directory's safetensors files against their headers without loading a model: each
     file is exactly as long as its header says, and each tensor's bytes have the checksum recorded when they were
-    written (:func:`write_sharded`, where the index has them). Reads the files once, a block at a time; returns the
-    bytes checked.
+    written (:func:`write_sharded`, where the index has them; with ``require_checksums``, every tensor must have
+    one). Reads the files once, a block at a time; returns the bytes checked.
 
     Raises:
         ValueError: naming the file and the tensor.
@@ -131,6 +131,9 @@ def verify_files(model_dir: Path) -> int:
                 raise ValueError(f"{path}: {size:,} bytes, but its header describes {end:,}: the file is damaged")
             for name, entry in sorted(header.items(), key=lambda item: item[1]["range"]):
                 if name not in recorded:
+                    if require_checksums:
+                        raise ValueError(f"{path}: no checksum of {name} is recorded in {INDEX_FILE}, which every "
+                                         "export of this pipeline writes: the directory was changed after it")  # fmt: skip
                     continue
                 f.seek(entry["range"][0])
                 digest, left = hashlib.sha256(), entry["range"][1] - entry["range"][0]

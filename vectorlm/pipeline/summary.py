@@ -41,11 +41,13 @@ def summary_lines(
     return lines
 
 
-def interrupted_line(run: RunDir) -> str | None:
+def interrupted_line(run: RunDir, *, since: float = 0.0) -> str | None:
     """When the workflow failed because training was interrupted by a stop signal (it saved a checkpoint first), what
-    to print last: that it was, and how to continue (the train job's last log line says both)."""
+    to print last: that it was, and how to continue (the train job's last log line says both). Only for a train log
+    written since ``since`` (the workflow's start): an earlier interruption is not why this workflow failed."""
     path = run.log("train")
-    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    fresh = path.is_file() and path.stat().st_mtime >= since
+    lines = path.read_text(errors="replace").strip().splitlines() if fresh else []
     if lines and "training was interrupted" in lines[-1]:
         return f"\nvectorlm: {lines[-1].split(': ', 1)[-1]}\n"
     return None

@@ -70,6 +70,8 @@ def problem_with(path: Path) -> str | None:
             return f"{STAGE_CONFIG} holds no train settings"
         if state.step != checkpoint_step(path):
             return f"{TRAIN_STATE} is of step {state.step}, the directory of step {checkpoint_step(path)}"
+        if not 1 <= state.world_size <= len(list((path / "rng").iterdir())):
+            return f"{TRAIN_STATE} says {state.world_size} rank(s) and rng/ holds fewer random number generator states"
         rng = [path / "rng" / f"rank_{rank}.cpu" for rank in range(state.world_size)]
         if bad := [f.relative_to(path) for f in rng if not f.is_file() or f.stat().st_size != RNG_STATE_BYTES]:
             return f"the random number generator states {', '.join(map(str, bad))} are missing or of the wrong size"
@@ -205,7 +207,7 @@ class Checkpointer:
                     _sync_directories(partial / "rng", partial)
                     shutil.rmtree(path, ignore_errors=True)
                     partial.rename(path)
-                    _sync_directories(path.parent)  # the rename itself survives a crash
+                    _sync_directories(path.parent, path.parent.parent)  # the rename (and a new checkpoints/) survive
                     _prune(path.parent, keep=keep)
             # DCP's CheckpointException is no Exception: without it here, a failed write would escape unrecorded.
             except (Exception, CheckpointException) as error:  # noqa: BLE001 (every rank fails at the next save)

@@ -155,8 +155,7 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
         raise Preempted(f"training was interrupted by a stop signal (SIGTERM, SIGUSR1 or Ctrl-C) after saving a "
                         f"checkpoint{where}; rerun the same command to continue it (see {log_path})")  # fmt: skip
     if status != 0:
-        errors = rank_errors(tail)
-        cause = errors[-1] if errors else "no error message in the ranks' output"
+        cause = job_error(tail)
         raise RuntimeError(f"training failed: {cause} (exit status {status}; the ranks' output is in {log_path})")
 
 
@@ -193,6 +192,14 @@ def _run_ranks(job: TrainJob, placement: Placement, log_path: str | Path) -> tup
     return status, list(tail)
 
 
+# What the other ranks raise when a failing rank's process group goes away under a collective they wait in.
+_PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
+    r"DistNetworkError|NCCL communicator was aborted|ProcessGroup.* (aborted|shut ?down)",
+    re.IGNORECASE,
+)
+
+
 def rank_errors(lines: Iterable[str]) -> list[str]:
     """The exception lines that end the tracebacks in the ranks' output (for chained exceptions, the last), each once,
     in order: what the job's own error line says."""
@@ -207,6 +214,13 @@ def rank_errors(lines: Iterable[str]) -> list[str]:
             if line not in errors:
                 errors.append(line)
     return errors
+
+
+def job_error(lines: Iterable[str]) -> str:
+    """The job's error line: the failing rank's own last exception, not what its peers raised when it went away."""
+    errors = rank_errors(lines)
+    own = [e for e in errors if not _PEER_GONE.search(e)] or errors
+    return own[-1] if own else "no error message in the ranks' output"
 
 
 def main(argv: list[str] | None = None) -> None:

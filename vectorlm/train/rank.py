@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import statistics
@@ -99,7 +100,7 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
     failure = None
     if env.is_main:
         try:
-            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=to_plain(trainer.cfg),
+            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=to_plain(job.train),
                                      max_steps=trainer.max_steps)  # fmt: skip
         except Exception as error:  # noqa: BLE001 (every rank raises it, rather than wait for rank 0 until a timeout)
             failure = error
@@ -138,9 +139,18 @@ def _load_on_every_rank(trainer: Trainer, plan: StartPlan, env: DistributedEnv) 
     return None
 
 
+# What a damaged checkpoint raises while it loads: a missing file, a stored item cut short, not a torch record, or
+# bytes that do not decode (a zip record whose signature is gone).
+_DAMAGE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, EOFError, pickle.UnpicklingError,
+           UnicodeDecodeError)  # fmt: skip
+
+
 def unreadable(error: BaseException) -> bool:
     """Whether ``error`` (or, for DCP's wrapped per-rank failures, one of them) says the checkpoint cannot be read
-    here, rather than that it is damaged: refused content, permission or I/O errors."""
+    here, rather than that it is damaged. Its files passed the checks already, so a failure is damage only with
+    evidence of damaged content (:data:`_DAMAGE`, torch's reader of a stored record failing); anything else (refused
+    content, permission or I/O errors, memory, a timeout, keys or shapes this model does not have) stops the run and
+    leaves every checkpoint where it is, rather than setting good checkpoints aside one after another."""
     pending, seen = [error], []
     while pending:
         current = pending.pop()
@@ -151,9 +161,13 @@ def unreadable(error: BaseException) -> bool:
             pending += [f for f in wrapped if isinstance(f, BaseException)]
         if current.__cause__ is not None:
             pending.append(current.__cause__)
-    missing = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
-    return any(isinstance(e, CheckpointUnreadable) or (isinstance(e, OSError) and not isinstance(e, missing))
-               for e in seen)  # fmt: skip
+    causes = [e for e in seen if not isinstance(e, CheckpointException) and getattr(e, "failures", None) is None]
+    refused = any(isinstance(e, CheckpointUnreadable) or (isinstance(e, OSError) and not isinstance(e, _DAMAGE))
+                  for e in causes)  # fmt: skip
+    damage = any(
+        isinstance(e, _DAMAGE) or (type(e) is RuntimeError and "PytorchStreamReader" in str(e)) for e in causes
+    )
+    return refused or not damage
 
 
 def _first_line(error: BaseException) -> str:

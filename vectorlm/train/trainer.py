@@ -22,9 +22,10 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import get_scheduler
 
-from vectorlm.config import resolved_config, to_plain
+from vectorlm.config import TrainConfig, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
@@ -57,11 +58,6 @@ class Trainer:
 
     def __init__(self, job: TrainJob, env: DistributedEnv) -> None:
         self.job, self.env, self.cfg = job, env, job.train
-        if self.cfg.mixed_precision and not computes_bf16_natively(env.device):
-            if env.is_main:
-                log.warning("train.mixed_precision: this CPU has no native bf16 arithmetic (AVX-512), on which bf16 runs "
-                            "about 60x slower than fp32; computing in fp32")  # fmt: skip
-            self.cfg = dataclasses.replace(self.cfg, mixed_precision=False)
         check_model_dir(job.model)
         self.accumulation = self.cfg.grad_accumulation_steps(env.world_size)
         self.packed = datasets.load_from_disk(job.packed)
@@ -87,8 +83,8 @@ class Trainer:
         self.attention = resolve_attention(cfg.attention, env.device, supported=supported_attention(model_class),
                                            model_name=model_class.__name__)  # fmt: skip
         self.flatten = self.attention == "flash_attention_2"
-        model, mesh = build_model(self.job.model, env, train=cfg, lora=self.job.lora, attention=self.attention,
-                                  trust_remote_code=self.job.trust_remote_code)  # fmt: skip
+        model, mesh = build_model(self.job.model, env, train=self.computed(cfg), lora=self.job.lora,
+                                  attention=self.attention, trust_remote_code=self.job.trust_remote_code)  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg)
@@ -113,6 +109,22 @@ class Trainer:
             cfg.global_batch_size, cfg.micro_batch_size, self.accumulation, env.world_size,
             self.sampler.steps_per_epoch,
         )  # fmt: skip
+
+    def computed(self, cfg: TrainConfig) -> TrainConfig:
+        """The settings the model is built with: mixed precision computes in fp32 when some rank's CPU has no native
+        bf16 (on which bf16 runs about 60x slower); the recorded settings stay the configured ones, so a checkpoint
+        resumes on either kind of machine."""
+        if not cfg.mixed_precision or self.env.device.type != "cpu":
+            return cfg
+        native = torch.tensor([int(computes_bf16_natively(self.env.device))])
+        if dist.is_initialized():  # every rank computes in one dtype
+            dist.all_reduce(native, op=dist.ReduceOp.MIN, group=self.env.cpu_group)
+        if native.item():
+            return cfg
+        if self.env.is_main:
+            log.warning("train.mixed_precision: this CPU has no native bf16 arithmetic (AVX-512), on which bf16 runs "
+                        "about 60x slower than fp32; computing in fp32")  # fmt: skip
+        return dataclasses.replace(cfg, mixed_precision=False)
 
     def load(self, plan: StartPlan) -> float:
         """Loads the planned checkpoint's model and optimizer state (and this rank's random number generators, on the
