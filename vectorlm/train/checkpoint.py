@@ -41,6 +41,7 @@ from torch.optim import Optimizer
 from vectorlm.config import STAGE_CONFIG, read_stage_config, write_stage_config
 from vectorlm.run_dir import checkpoint_step
 from vectorlm.train.checkpoint_reader import (
+    MISSING_FILE,
     CheckpointUnreadable,
     SafeFileSystemReader,
     check_entries,
@@ -77,7 +78,7 @@ def problem_with(path: Path) -> str | None:
             return f"the random number generator states {', '.join(map(str, bad))} are missing or of the wrong size"
     except CheckpointUnreadable:
         raise
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+    except MISSING_FILE as error:
         return f"{type(error).__name__}: {error}"
     except OSError as error:  # permission, I/O: nothing says the checkpoint is damaged
         raise CheckpointUnreadable(f"{path}: {type(error).__name__}: {error}") from error

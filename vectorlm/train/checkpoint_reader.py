@@ -57,6 +57,9 @@ class UnsafeCheckpointError(CheckpointUnreadable, pickle.UnpicklingError):
     expand data."""
 
 
+# What reading a checkpoint's file raises when the file is not there (a partial write: damage, not a refusal).
+MISSING_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
 # Bytes a stored item may hold beyond its tensor's data: torch.save's zip records (measured: about 1.6 KB).
 ITEM_OVERHEAD_BYTES = 64 * 2**10
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from vectorlm.config import ConfigError
-from vectorlm.run_dir import checkpoint_step
 from vectorlm.train import rank as rank_module
+from vectorlm.train.checkpoint import list_checkpoints
 from vectorlm.train.job import TrainJob, check_job
 from vectorlm.train.placement import Placement
 from vectorlm.train.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
@@ -150,8 +150,8 @@ def launch_training(job: TrainJob, *, placement: Placement, log_path: str | Path
     with run_lock(job.run.lock):
         status, tail = _run_ranks(job, placement, log_path)
     if status == PREEMPTED_EXIT_CODE:
-        steps = [step for path in job.run.checkpoints.glob("step_*") if (step := checkpoint_step(path)) is not None]
-        where = f" of step {max(steps)}" if steps else ""
+        saved = list_checkpoints(job.run.checkpoints)
+        where = f" of step {saved[-1][0]}" if saved else ""
         raise Preempted(f"training was interrupted by a stop signal (SIGTERM, SIGUSR1 or Ctrl-C) after saving a "
                         f"checkpoint{where}; rerun the same command to continue it (see {log_path})")  # fmt: skip
     if status != 0:

@@ -33,7 +33,7 @@ from vectorlm.config import ConfigError, to_plain
 from vectorlm.log import setup_logging
 from vectorlm.run_dir import RunDir
 from vectorlm.train.checkpoint import set_aside
-from vectorlm.train.checkpoint_reader import CheckpointUnreadable
+from vectorlm.train.checkpoint_reader import MISSING_FILE, CheckpointUnreadable
 from vectorlm.train.distributed import DistributedEnv, init_distributed
 from vectorlm.train.job import TrainJob
 from vectorlm.train.metrics_log import read_metrics
@@ -141,8 +141,7 @@ def _load_on_every_rank(trainer: Trainer, plan: StartPlan, env: DistributedEnv) 
 
 # What a damaged checkpoint raises while it loads: a missing file, a stored item cut short, not a torch record, or
 # bytes that do not decode (a zip record whose signature is gone).
-_DAMAGE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, EOFError, pickle.UnpicklingError,
-           UnicodeDecodeError)  # fmt: skip
+_DAMAGE = (*MISSING_FILE, EOFError, pickle.UnpicklingError, UnicodeDecodeError)
 
 
 def unreadable(error: BaseException) -> bool:
@@ -155,10 +154,7 @@ def unreadable(error: BaseException) -> bool:
     while pending:
         current = pending.pop()
         seen.append(current)
-        failures = getattr(current, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
-        if isinstance(failures, dict):
-            wrapped = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-            pending += [f for f in wrapped if isinstance(f, BaseException)]
+        pending += _ranks_failures(current)
         if current.__cause__ is not None:
             pending.append(current.__cause__)
     causes = [e for e in seen if not isinstance(e, CheckpointException) and getattr(e, "failures", None) is None]
@@ -170,12 +166,20 @@ def unreadable(error: BaseException) -> bool:
     return refused or not damage
 
 
+def _ranks_failures(error: BaseException) -> list[BaseException]:
+    """The ranks' own exceptions that DCP's CheckpointException wraps ({rank: (exception, traceback)}); none for any
+    other error."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    wrapped = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return [f for f in wrapped if isinstance(f, BaseException)]
+
+
 def _first_line(error: BaseException) -> str:
     """What went wrong, in a line: for DCP's wrapped failures, the failing ranks' own exceptions."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict):
-        causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        return "; ".join(f"{type(c).__name__}: {c}" for c in causes if isinstance(c, BaseException)) or str(error)
+    if causes := _ranks_failures(error):
+        return "; ".join(f"{type(c).__name__}: {c}" for c in causes)
     return str(error).splitlines()[0] if str(error) else ""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vectorlm.data.loader import DataPosition
-from vectorlm.train.checkpoint_reader import CheckpointUnreadable
+from vectorlm.train.checkpoint_reader import MISSING_FILE, CheckpointUnreadable
 
 TRAIN_STATE = "train_state.json"
 VERSION = 1
@@ -63,7 +63,7 @@ class TrainState:
         path = directory / TRAIN_STATE
         try:
             text = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        except MISSING_FILE as error:
             raise TrainStateError(f"{path}: {type(error).__name__}: {error}") from error
         except OSError as error:
             raise CheckpointUnreadable(f"{path}: {type(error).__name__}: {error}") from error
