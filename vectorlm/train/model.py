@@ -114,9 +114,15 @@ def _checkpointed(forward, *args, selective: bool, **kwargs):
 
 def compile_layers(model: PreTrainedModel, *, backend: str = "inductor") -> None:
     """torch.compile of each decoder block in place (names unchanged), before sharding: one graph per block, which
-    FSDP2's per-block communication wraps (torchtitan's approach)."""
+    FSDP2's per-block communication wraps (torchtitan's approach). ``fullgraph``: a graph break is an error, not a
+    block silently split into pieces that run between compiled fragments."""
+    # Hugging Face's kernels package (a dependency of transformers >= 5.25) wraps attention modules' forward in a
+    # set-and-reset of a global; under activation checkpointing dynamo refuses to trace that side effect (it would not
+    # be replayed in the recomputation) and compiles nothing. Its net effect is none, so skipping its replay is
+    # exact; torchtitan sets the same flag whenever it compiles.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in decoder_layers(model):
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, fullgraph=True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
