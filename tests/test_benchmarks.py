@@ -16,6 +16,18 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.workflow
 
 TINY = {
+    "activation_memory.py": [
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--tokens",
+        "64",
+    ],
     "checkpoint_stall.py": ["--hidden", "64", "--layers", "2", "--saves", "2"],
     "consolidate_memory.py": ["--hidden", "64", "--layers", "2", "--vocab", "256"],
     "consolidate_scale.py": ["--hidden", "64", "128", "--layers", "2", "--ranks", "2", "--vocab", "256"],
