@@ -67,6 +67,7 @@ def run_training(
     from vectorlm.train.launch import launch_training
     from vectorlm.train.placement import Placement
 
+    train = {"log_every": 1, **train}  # every step's record, which tests compare
     job = TrainJob(model=str(model_dir), packed=str(packed), output_dir=str(output_dir), train=TrainConfig(**train),
                    lora=LoraSettings(**(lora or {})))  # fmt: skip
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,8 @@ ARCHITECTURES = {
     "qwen3_moe": lambda: Qwen3MoeConfig(**SHAPE, **QWEN3_MOE),
 }
 TRAIN = {"max_steps": 12, "lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 1,
-         "mixed_precision": False, "checkpoint_every": 3, "keep_checkpoints": 1, "eval_every": 12, "seed": 3}  # fmt: skip
+         "mixed_precision": False, "checkpoint_every": 3, "keep_checkpoints": 1, "eval_every": 12, "seed": 3,
+         "log_every": 1}  # fmt: skip
 # No dropout: peft has none for LoRA on parameters, which all-linear adapts in mixture-of-experts models.
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 LORA_TRAIN = {**TRAIN, "max_steps": 4, "checkpoint_every": 4, "eval_every": 4, "lr": 1e-2}

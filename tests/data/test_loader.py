@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from vectorlm.data.loader import GlobalBatchSampler, collate, rank_slices
+from vectorlm.data.loader import BatchShape, GlobalBatchSampler, collate, rank_slices
 from vectorlm.packed import IGNORE_INDEX
 
 
@@ -78,6 +78,30 @@ def test_flattened_collate_for_flash_attention():
     assert batch["input_ids"].shape == (1, 6)
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
     assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_every_batch_of_a_run_has_its_shape_and_padding_counts_nowhere(flatten):
+    """A short batch (one row of two tokens) has the shape of a full one: ``rows`` rows of ``width`` tokens, or as
+    many flattened, the padding one more document with no loss; the counts are the rows' own."""
+    shape = BatchShape(rows=3, width=5)
+    for rows in (ROWS, ROWS[1:]):
+        batch, alone = collate(rows, flatten=flatten, shape=shape), collate(rows, flatten=flatten)
+        assert batch["input_ids"].shape == ((1, 15) if flatten else (3, 5))
+        assert {k: batch[k] for k in ("num_tokens", "num_loss_tokens", "sum_squared_lengths")} == {
+            k: alone[k] for k in ("num_tokens", "num_loss_tokens", "sum_squared_lengths")
+        }
+        assert int((batch["labels"] != IGNORE_INDEX).sum()) == int((alone["labels"] != IGNORE_INDEX).sum())
+    if flatten:  # the padding is a document of its own; flash-attn's bound on lengths is the row width
+        assert batch["cu_seq_lens"].tolist() == [0, 2, 15] and batch["max_length"] == 5
+        assert batch["position_ids"][0].tolist() == [0, 1, *range(13)]
+    else:
+        assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def test_a_row_longer_than_the_runs_batch_shape_is_an_error():
+    with pytest.raises(ValueError, match=r"1 rows of up to 4 tokens does not fit the run's batch shape \(1 rows of 3"):
+        collate(ROWS[:1], flatten=False, shape=BatchShape(rows=1, width=3))
 
 
 def test_unpacked_rows_are_grouped_by_length_within_a_global_batch():

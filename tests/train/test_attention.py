@@ -85,6 +85,21 @@ def test_auto_picks_what_the_model_supports_and_an_explicit_choice_it_does_not_f
         resolve_attention("sdpa", torch.device("cpu"), supported=gemma2, model_name="Gemma2ForCausalLM")
 
 
+def test_auto_never_picks_our_flash_attn_path_for_a_model_with_attention_sinks(monkeypatch):
+    """gpt-oss declares flash-attn support, but its attention sinks are refused by our varlen path: with flash-attn
+    installed on a GPU, auto picks flex attention for it, and asking for flash-attn names only what it supports."""
+    from transformers import GptOssForCausalLM
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    gpt_oss = supported_attention(GptOssForCausalLM)
+    assert gpt_oss == ("flex_attention", "eager")
+    assert resolve_attention("auto", torch.device("cuda"), supported=gpt_oss) == "flex_attention"
+    assert resolve_attention("auto", torch.device("cuda"), supported=PREFERENCE) == "flash_attention_2"
+    message = "GptOssForCausalLM does not support flash_attention_2; it supports flex_attention, eager (or auto"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_attention("flash_attention_2", torch.device("cuda"), supported=gpt_oss, model_name="GptOssForCausalLM")
+
+
 def tiny_gemma2(path: Path, tokenizer_from: Path) -> Path:
     """A random 2-layer Gemma-2 with the tokenizer of ``tokenizer_from``."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
@@ -168,3 +183,29 @@ def test_the_flash_attn_path_gets_the_documents_from_collate(tiny_model_dir, mon
         for start, end in zip(calls[0]["cu_seq_lens"][:-1], calls[0]["cu_seq_lens"][1:]):
             alone = plain(input_ids=batch["input_ids"][:, start:end]).logits[0]
             torch.testing.assert_close(logits[start:end], alone, atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mistral", "llama"])
+def test_a_model_whose_masks_ignore_the_positions_is_known_to_mix_packed_documents(family):
+    """With transformers' own masks (eager), a packed document's logits equal the document's alone only where the
+    model builds its masks from the positions; keeps_documents_apart tells which, read from the model's source
+    (gpt-oss as of transformers 5.25 does not, and training it packed is refused)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vectorlm.train.attention import keeps_documents_apart
+
+    shape = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512}  # fmt: skip
+    extra = {"gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
+             "mistral": {"sliding_window": 16}, "llama": {}}[family]  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(family, **shape, **extra), attn_implementation="eager"
+    )
+    ids, positions = torch.randint(2, 300, (1, 40)), torch.cat([torch.arange(12), torch.arange(28)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 12:]
+        alone = model(input_ids=ids[:, 12:], position_ids=positions[:, 12:], use_cache=False).logits[0]
+    apart = bool(torch.allclose(packed, alone, atol=1e-5))
+    assert apart == (family != "gpt_oss")
+    assert keeps_documents_apart(type(model), model.config) == apart

@@ -30,7 +30,7 @@ from vectorlm.train.step import build_optimizer, loss_sum
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 RUN = {"max_steps": 12, "lr": 1e-2, "micro_batch_size": 2, "global_batch_size": 8, "mixed_precision": False,
-       "checkpoint_every": 4, "eval_every": 12, "seed": 7}  # fmt: skip
+       "checkpoint_every": 4, "eval_every": 12, "seed": 7, "log_every": 1}  # fmt: skip
 
 
 def digest(directory) -> str:

@@ -27,7 +27,8 @@ from vectorlm.train.preemption import PREEMPTED_EXIT_CODE
 
 # fp32 so that runs which should compute the same thing agree to the last bit on one world size.
 RUN = {"max_steps": 24, "lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
-       "mixed_precision": False, "checkpoint_every": 4, "keep_checkpoints": 2, "eval_every": 8, "seed": 3}  # fmt: skip
+       "mixed_precision": False, "checkpoint_every": 4, "keep_checkpoints": 2, "eval_every": 8, "seed": 3,
+       "log_every": 1}  # fmt: skip
 
 
 def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -229,3 +229,24 @@ def test_every_file_of_a_checkpoint_is_on_the_disk_before_it_is_renamed_into_pla
     assert files <= synced, files - synced  # tensors, .metadata, train_state.json, RNG states, the configuration
     assert {partial, f"{partial}/rng"} <= synced  # the directories' entries too
     assert str(tmp_path) in record["synced"][synced_before:]  # and, after the rename, the directory that holds it
+
+
+def record_units(env, model_dir: Path, out: Path) -> None:
+    model, _ = build_model(model_dir, env, train=TrainConfig(), lora=LoraSettings(), attention="sdpa")
+    units = {name or "root" for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    out.write_text(json.dumps(sorted(units)))
+
+
+def test_embeddings_and_lm_head_are_fsdp_units_of_their_own_unless_tied(tiny_model_dir, tmp_path):
+    """The LM head's gradient is reduce-scattered as soon as the loss's backward has it, not with the root's at the
+    end; a tied head is one parameter with the embeddings and stays with the root."""
+    import shutil
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    for model_dir, expected in ((tiny_model_dir, {"model.embed_tokens", "lm_head"}), (tied, set())):
+        run_on_ranks(record_units, 1, model_dir, tmp_path / "units.json")
+        units = set(json.loads((tmp_path / "units.json").read_text()))
+        assert units == {"root", "model.layers.0", "model.layers.1"} | expected

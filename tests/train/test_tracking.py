@@ -23,7 +23,7 @@ from vectorlm.train.metrics_log import read_metrics
 from vectorlm.train.tracking import hyperparameters
 
 RUN = {"max_steps": 10, "lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 2,
-       "checkpoint_every": 3, "eval_every": 4, "seed": 5}  # fmt: skip
+       "checkpoint_every": 3, "eval_every": 4, "seed": 5, "log_every": 1}  # fmt: skip
 ALL = ["tensorboard", "wandb", "mlflow"]
 
 

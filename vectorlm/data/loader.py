@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vectorlm.packed import COLUMNS, IGNORE_INDEX
 
@@ -83,34 +84,58 @@ def document_lengths(position_ids: np.ndarray) -> np.ndarray:
     return np.diff(np.append(starts, len(position_ids)))
 
 
-def collate(rows: list[dict[str, list[int]]], *, flatten: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BatchShape:
+    """The one shape of every micro-batch of a run, so that compiled code traces one graph for training and one for
+    evaluation: ``rows`` rows of ``width`` tokens (the flattened form: one row of ``rows x width`` tokens). A short
+    batch (the last of an evaluation) gets rows of padding."""
+
+    rows: int
+    width: int
+
+
+def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShape | None = None) -> dict[str, Any]:
     """Stacks packed rows into a batch the model can take with ``attention_mask=None``.
 
-    Padded form (sdpa, eager): rows padded to the longest with label -100 and positions restarting at 0, so padding is
-    one more isolated "document". Flattened form (flash-attn varlen): all rows in one row of batch size 1, with the
-    documents' cumulative lengths (``cu_seq_lens``, int32) and the longest (``max_length``) for flash-attn.
+    Padded form (sdpa, eager, flex): rows padded to ``shape`` (else to the longest row) with label -100 and positions
+    restarting at 0, so padding is one more isolated "document". Flattened form (flash-attn varlen): all rows in one
+    row of batch size 1, with the documents' cumulative lengths (``cu_seq_lens``, int32) and a bound on their length
+    (``max_length``, for flash-attn: the row width of ``shape``, so that it is the same in every batch, else the
+    longest document); with ``shape``, padding to its ``rows x width`` tokens is one more document at the end.
 
     Counted here, on the CPU, so that training needs no device-to-host copy for them: ``num_tokens`` (real tokens),
-    ``num_loss_tokens`` (next-token targets that count in the loss) and ``sum_squared_lengths`` (over documents,
-    what attention costs).
+    ``num_loss_tokens`` (next-token targets that count in the loss), ``sum_squared_lengths`` (over documents, what
+    attention costs) and ``document_lengths``; padding counts in none of them.
     """
     columns = COLUMNS
+    lengths = [document_lengths(np.asarray(r["position_ids"])) for r in rows]
     counts = {
         "num_tokens": sum(len(r["input_ids"]) for r in rows),
         "num_loss_tokens": int(sum(np.count_nonzero(np.asarray(r["labels"][1:]) != IGNORE_INDEX) for r in rows)),
-        "sum_squared_lengths": int(sum((document_lengths(np.asarray(r["position_ids"])) ** 2).sum() for r in rows)),
+        "sum_squared_lengths": int(sum((doc_lengths**2).sum() for doc_lengths in lengths)),
+        "document_lengths": np.concatenate(lengths),  # for sliding-window layers' attention cost
     }
+    longest = max(len(r["input_ids"]) for r in rows)
+    if shape is not None and (longest > shape.width or len(rows) > shape.rows):
+        raise ValueError(f"a batch of {len(rows)} rows of up to {longest} tokens does not fit the run's batch shape "
+                         f"({shape.rows} rows of {shape.width} tokens)")  # fmt: skip
     if flatten:
         batch = {c: torch.tensor(np.concatenate([r[c] for r in rows]), dtype=torch.long)[None] for c in columns}
-        lengths = np.concatenate([document_lengths(np.asarray(r["position_ids"])) for r in rows])
+        lengths = np.concatenate(lengths)
+        padding = 0 if shape is None else shape.rows * shape.width - counts["num_tokens"]
+        if padding:
+            batch = {"input_ids": F.pad(batch["input_ids"], (0, padding)),
+                     "labels": F.pad(batch["labels"], (0, padding), value=IGNORE_INDEX),
+                     "position_ids": torch.cat([batch["position_ids"], torch.arange(padding)[None]], dim=1)}  # fmt: skip
+            lengths = np.append(lengths, padding)
         boundaries = {"cu_seq_lens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
-                      "max_length": int(lengths.max())}  # fmt: skip
+                      "max_length": int(lengths.max()) if shape is None else shape.width}  # fmt: skip
         return {**batch, **counts, **boundaries}
-    width = max(len(r["input_ids"]) for r in rows)
+    num_rows, width = (len(rows), longest) if shape is None else (shape.rows, shape.width)
     batch: dict[str, Any] = {
-        "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.arange(width).repeat(len(rows), 1),
+        "input_ids": torch.zeros(num_rows, width, dtype=torch.long),
+        "labels": torch.full((num_rows, width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.arange(width).repeat(num_rows, 1),
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
@@ -120,8 +145,9 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool) -> dict[str, Any
     return {**batch, **counts}
 
 
-def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool) -> dict[str, Any]:
-    """The collated batch of rows ``indices`` of a packed dataset."""
+def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool,
+          shape: BatchShape | None = None) -> dict[str, Any]:  # fmt: skip
+    """The collated batch of rows ``indices`` of a packed dataset (:func:`collate`)."""
     columns = dataset.with_format("numpy")[indices.tolist()]
     rows = [{c: columns[c][i] for c in columns} for i in range(len(indices))]
-    return collate(rows, flatten=flatten)
+    return collate(rows, flatten=flatten, shape=shape)

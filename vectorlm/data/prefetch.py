@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import torch
 
-from vectorlm.data.loader import DataPosition, GlobalBatchSampler, fetch, rank_slices
+from vectorlm.data.loader import BatchShape, DataPosition, GlobalBatchSampler, fetch, rank_slices
 
 
 class Prefetcher:
@@ -31,10 +31,11 @@ class Prefetcher:
         micro_batch_size: int,
         flatten: bool,
         pin_memory: bool,
+        shape: BatchShape | None = None,
     ) -> None:
         self.dataset, self.sampler = dataset, sampler
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
-        self.flatten, self.pin_memory = flatten, pin_memory
+        self.flatten, self.pin_memory, self.shape = flatten, pin_memory, shape
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: tuple[Future, DataPosition] | None = None
 
@@ -45,7 +46,7 @@ class Prefetcher:
         return self._executor.submit(self._prepare, indices), position
 
     def _prepare(self, indices: list[np.ndarray]) -> list[dict[str, Any]]:
-        batches = [fetch(self.dataset, i, flatten=self.flatten) for i in indices]
+        batches = [fetch(self.dataset, i, flatten=self.flatten, shape=self.shape) for i in indices]
         if self.pin_memory:
             batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         return batches

@@ -135,7 +135,8 @@ def check_attention(config: Config, *, cache: str | Path, model_digest: str) -> 
     requested = config.train.attention
     if requested == "auto" or not Path(config.model).is_dir():  # the example model is built by the workflow
         return
-    key = f"{model_digest} {config.trust_remote_code} transformers {importlib.metadata.version('transformers')}"
+    # "v2": the answers of earlier versions offered our flash-attn path to models with attention sinks.
+    key = f"v2 {model_digest} {config.trust_remote_code} transformers {importlib.metadata.version('transformers')}"
     cache = Path(cache)
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in stored:

@@ -18,7 +18,10 @@ in every forward with a Python test on a device tensor (a device-to-host sync), 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
+import re
+import sys
 from typing import Any
 
 import torch
@@ -47,7 +50,7 @@ def flash_varlen_attention(module, query, key, value, attention_mask, *, scaling
 
     if kwargs.get("s_aux") is not None or not getattr(module, "is_causal", True):
         raise NotImplementedError("train.attention: flash_attention_2 here handles causal attention without sinks; "
-                                  "use flex_attention or sdpa for this model")  # fmt: skip
+                                  "choose another attention this model supports")  # fmt: skip
     window = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
     dtype = query.dtype
     if dtype == torch.float32:  # flash-attn computes in bf16 or fp16 only (train.mixed_precision: false)
@@ -82,12 +85,20 @@ def supported_attention(model_class: type) -> tuple[str, ...]:
     refuses sdpa, GPT-2 flex attention). Our flash-attn path is a function registered with transformers, which a model
     calls only when it routes attention through that registry (``_supports_attention_backend``)."""
     flags = {
-        "flash_attention_2": model_class._supports_flash_attn and model_class._supports_attention_backend,
+        "flash_attention_2": model_class._supports_flash_attn
+        and model_class._supports_attention_backend
+        and not _has_attention_sinks(model_class),
         "flex_attention": model_class._supports_flex_attn,
         "sdpa": model_class._supports_sdpa,
         "eager": True,
     }
     return tuple(name for name in PREFERENCE if flags[name])
+
+
+def _has_attention_sinks(model_class: type) -> bool:
+    """Whether the model's attention passes learned sinks (``s_aux``: gpt-oss), which transformers' flash-attn path
+    supports and ours does not; read from the source of the model's module, as the model declares nothing of it."""
+    return "s_aux=" in inspect.getsource(sys.modules[model_class.__module__])
 
 
 def resolve_attention(requested: str, device: torch.device, *, supported: tuple[str, ...] = PREFERENCE,
@@ -120,6 +131,22 @@ def model_attention(attention: str) -> str:
     return FLASH_VARLEN if attention == "flash_attention_2" else attention
 
 
+def keeps_documents_apart(model_class: type, config: PretrainedConfig) -> bool:
+    """Whether packed documents stay apart in a forward of ``model_class`` built with ``config``: by our own document
+    boundaries or masks (:func:`document_mask_kwargs`), else by transformers' masks, which follow the restarting
+    ``position_ids`` only where the model's forward passes them to its mask functions (gpt-oss's does not, as of
+    transformers 5.25: its packed documents would attend to each other)."""
+    attention = config._attn_implementation
+    if attention == FLASH_VARLEN or (attention in ("sdpa", "flex_attention") and all_layers_attend_fully(config)):
+        return True
+    source = inspect.getsource(sys.modules[model_class.__module__])
+    mask_calls = re.findall(r"mask_kwargs = \{(.*?)\n\s*\}", source, re.DOTALL) + re.findall(
+        r"(?:create_causal_mask|create_sliding_window_causal_mask|create_chunked_causal_mask|mask_function)\((.*?)\)",
+        source, re.DOTALL,
+    )  # fmt: skip
+    return all("position_ids" in call for call in mask_calls if "config" in call)
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Which document each token belongs to, per row: positions restart at 0 with each document."""
     return (position_ids == 0).cumsum(-1)
@@ -130,6 +157,8 @@ def document_mask_kwargs(config: PretrainedConfig, batch: dict[str, Any]) -> dic
     documents apart."""
     attention = config._attn_implementation
     if attention == FLASH_VARLEN:
+        # The number of documents changes from batch to batch: one graph with it symbolic, instead of one per count.
+        torch._dynamo.maybe_mark_dynamic(batch["cu_seq_lens"], 0)
         return {"cu_seq_lens": batch["cu_seq_lens"], "max_length": batch["max_length"]}
     if attention not in ("sdpa", "flex_attention") or not all_layers_attend_fully(config):
         return {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,11 +14,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 
 from vectorlm.config import LoraSettings, TrainConfig
 from vectorlm.hub.meta_model import build_empty_model
+from vectorlm.train.activation_checkpointing import apply_activation_checkpointing
 from vectorlm.train.attention import model_attention
 from vectorlm.train.base_weights import materialize, weight_layout
 from vectorlm.train.distributed import DistributedEnv, build_mesh
@@ -39,8 +38,10 @@ def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
 
 
 def apply_fsdp(model: PreTrainedModel, mesh: DeviceMesh, *, mixed_precision: bool) -> None:
-    """Shards ``model`` with FSDP2: each decoder layer is one communication unit, the rest (embeddings, final norm,
-    LM head) goes with the root.
+    """Shards ``model`` with FSDP2: each decoder layer is one communication unit; so are the input embeddings and the
+    LM head when they are not tied (torchtitan's units), so that the head's gradient (vocabulary x hidden: 1 GB in
+    fp32 at 1B with 128k tokens) is reduce-scattered while the blocks' backward runs, not after it; the rest (the
+    final norm, a tied embedding) goes with the root.
 
     Mixed precision keeps fp32 master weights and optimizer state, computes in bf16, and reduces gradients in fp32 so
     that summing over many ranks loses no precision.
@@ -54,6 +55,11 @@ def apply_fsdp(model: PreTrainedModel, mesh: DeviceMesh, *, mixed_precision: boo
     for index, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by the backward pass: keep them gathered.
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        # The embeddings are needed again only at the end of the backward pass (prefetched then); the head at once.
+        fully_shard(embeddings, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
@@ -79,50 +85,32 @@ def store_frozen_in_bf16(model: nn.Module) -> None:
             setattr(module, name, converted[id(param)])
 
 
-# What selective activation checkpointing keeps, by operator name: the outputs of the matmuls and of attention
-# (sdpa's kernels, flash-attn's, flex attention), which are expensive to recompute; everything else (norms, activation
-# functions, rotary embeddings, casts) is recomputed in backward.
-_KEPT_OPS = {
-    "aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_flash_attention_for_cpu", "flash_attn::_flash_attn_forward",
-    "flash_attn::_flash_attn_varlen_forward", "flex_attention",
-}  # fmt: skip
-
-
-def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op.name() in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def apply_activation_checkpointing(model: PreTrainedModel, mode: str) -> None:
-    """Recomputes each decoder layer in backward (``full``), or all of it but its matmul and attention outputs
-    (``selective``: op-level selective checkpointing). Non-reentrant ``torch.utils.checkpoint``, which FSDP2 and
-    torch.compile support; the layer's forward is wrapped in place, so parameter names do not change."""
-    if mode == "none":
-        return
-    for layer in decoder_layers(model):
-        layer.forward = partial(_checkpointed, layer.forward, selective=mode == "selective")
-
-
-def _checkpointed(forward, *args, selective: bool, **kwargs):
-    # A function of our own rather than a partial of checkpoint itself: torch.compile skips torch.utils.checkpoint
-    # when it is the frame it starts from, and would compile nothing; called from here, it traces the checkpoint
-    # (and the selective policy) into the block's graph.
-    context = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
-    return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
-
-
 def compile_layers(model: PreTrainedModel, *, backend: str = "inductor") -> None:
     """torch.compile of each decoder block in place (names unchanged), before sharding: one graph per block, which
     FSDP2's per-block communication wraps (torchtitan's approach). ``fullgraph``: a graph break is an error, not a
     block silently split into pieces that run between compiled fragments."""
-    # Hugging Face's kernels package (a dependency of transformers >= 5.25) wraps attention modules' forward in a
-    # set-and-reset of a global; under activation checkpointing dynamo refuses to trace that side effect (it would not
-    # be replayed in the recomputation) and compiles nothing. Its net effect is none, so skipping its replay is
-    # exact; torchtitan sets the same flag whenever it compiles.
+    # A forward that sets a global and resets it (transformers' output capturing, for one) has no net effect, but
+    # under activation checkpointing dynamo refuses to trace it (it would not be replayed in the recomputation) and
+    # compiles nothing; skipping the replay is exact. torchtitan sets the same flag whenever it compiles.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in decoder_layers(model):
+        for module in layer.modules():
+            _skip_kernels_routing(module)
         layer.compile(backend=backend, fullgraph=True)
+
+
+def _skip_kernels_routing(module: nn.Module) -> None:
+    """Calls the module's own forward, not the wrapper of Hugging Face's kernels package (a dependency of transformers
+    >= 5.25) around attention modules: it routes functions such as the rotary embedding to hub kernels that
+    ``kernels.kernelize`` may install (we never do; unrouted, they run as written) through a global it sets and
+    resets in every call, on which dynamo guards: with flex attention the global was left set after the first
+    compiled call, and every block was compiled twice."""
+    forward = type(module).forward
+    wrapped = getattr(forward, "__wrapped__", None)
+    if "forward" in vars(module):  # already replaced (activation checkpointing): left as it is
+        return
+    if wrapped is not None and Path(forward.__code__.co_filename).parts[-4:-1] == ("kernels", "_internals", "layer"):
+        module.forward = wrapped.__get__(module)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -152,7 +140,7 @@ def build_model(
         if train.mixed_precision:
             store_frozen_in_bf16(model)
     loss = install_loss(model, resolve_loss(train.loss, env.device), compile=train.compile)
-    apply_activation_checkpointing(model, train.activation_checkpointing)
+    apply_activation_checkpointing(decoder_layers(model), train.activation_checkpointing)
     if train.compile:
         compile_layers(model)
     log.info("loss %s, activation checkpointing %s, %s", loss, train.activation_checkpointing,

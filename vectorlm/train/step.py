@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vectorlm.config import TrainConfig
-from vectorlm.data.loader import fetch
+from vectorlm.data.loader import BatchShape, fetch
 from vectorlm.packed import IGNORE_INDEX
 from vectorlm.train.attention import document_mask_kwargs
 from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
@@ -94,11 +94,12 @@ def train_step(model, optimizer, scheduler, micro_batches, *, loss_scale: float,
 
 
 @torch.no_grad()
-def evaluate(model, dataset: datasets.Dataset, *, env: DistributedEnv, cfg: TrainConfig, flatten: bool) -> float:
+def evaluate(model, dataset: datasets.Dataset, *, env: DistributedEnv, cfg: TrainConfig, flatten: bool,
+             shape: BatchShape | None = None) -> float:  # fmt: skip
     """Mean token loss over the eval rows (or ``cfg.eval_max_batches`` micro-batches per rank).
 
     Every rank runs the same number of forward passes, padding with fully masked batches, because FSDP's
-    all-gathers are collective.
+    all-gathers are collective; with ``shape``, every batch has that shape (the last, short one padded).
     """
     model.eval()
     rows_per_round = env.world_size * cfg.micro_batch_size
@@ -109,7 +110,7 @@ def evaluate(model, dataset: datasets.Dataset, *, env: DistributedEnv, cfg: Trai
     for round_index in range(num_rounds):
         start = round_index * rows_per_round + env.rank * cfg.micro_batch_size
         indices = np.arange(start, min(start + cfg.micro_batch_size, len(dataset)))
-        batch = fetch(dataset, indices if len(indices) else np.array([0]), flatten=flatten)
+        batch = fetch(dataset, indices if len(indices) else np.array([0]), flatten=flatten, shape=shape)
         if not len(indices):
             batch["labels"].fill_(IGNORE_INDEX)
             batch["num_loss_tokens"] = 0

@@ -25,15 +25,15 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
-from vectorlm.config import TrainConfig, resolved_config, to_plain
+from vectorlm.config import ConfigError, TrainConfig, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
-from vectorlm.data.loader import DataPosition, GlobalBatchSampler
+from vectorlm.data.loader import BatchShape, DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
 from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.hub.model_dir import check_model_dir
 from vectorlm.log import format_duration
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import resolve_attention, supported_attention
+from vectorlm.train.attention import keeps_documents_apart, resolve_attention, supported_attention
 from vectorlm.train.checkpoint import Checkpointer, load_checkpoint
 from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
 from vectorlm.train.job import TrainJob
@@ -61,8 +61,14 @@ class Trainer:
         check_model_dir(job.model)
         self.accumulation = self.cfg.grad_accumulation_steps(env.world_size)
         self.packed = datasets.load_from_disk(job.packed)
-        packing = json.loads((Path(job.packed) / STATS_FILE).read_text()).get("packing", True)
+        stats = json.loads((Path(job.packed) / STATS_FILE).read_text())
+        packing, max_seq_len = stats.get("packing", True), stats.get("max_seq_len")
         lengths = None if packing else list_lengths(self.packed["train"])
+        self.packing = packing
+        # One shape for every micro-batch (compiled blocks and loss then trace one graph for training, one for
+        # evaluation): packed rows are nearly full anyway; unpacked rows of any length only when compiled.
+        static = max_seq_len is not None and (packing or self.cfg.compile)
+        self.shape = BatchShape(self.cfg.micro_batch_size, max_seq_len) if static else None
         self.sampler = GlobalBatchSampler(
             len(self.packed["train"]), global_batch_size=self.cfg.global_batch_size, seed=self.cfg.seed, lengths=lengths
         )
@@ -85,6 +91,10 @@ class Trainer:
         self.flatten = self.attention == "flash_attention_2"
         model, mesh = build_model(self.job.model, env, train=self.computed(cfg), lora=self.job.lora,
                                   attention=self.attention, trust_remote_code=self.job.trust_remote_code)  # fmt: skip
+        if self.packing and not keeps_documents_apart(model_class, model.config):
+            raise ConfigError(f"data.packing: {model_class.__name__} with attention {self.attention} would let packed "
+                              "documents attend to each other (its forward builds attention masks without the "
+                              "positions that mark documents); set data.packing: false")  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg)
@@ -95,7 +105,7 @@ class Trainer:
         self.peak_flops = peak_flops(env.device)
         self.meter = StepMeter(world_size=env.world_size, device=env.device, flops=self.flops, peak=self.peak_flops)
         self.prefetcher = Prefetcher(self.packed["train"], self.sampler, rank=env.rank, world_size=env.world_size,
-                                     micro_batch_size=cfg.micro_batch_size, flatten=self.flatten,
+                                     micro_batch_size=cfg.micro_batch_size, flatten=self.flatten, shape=self.shape,
                                      pin_memory=env.device.type == "cuda")  # fmt: skip
         self.checkpointer = Checkpointer(
             group=env.checkpoint_group, asynchronous=cfg.async_checkpoint, device=env.device
@@ -177,7 +187,9 @@ class Trainer:
 
     def evaluate(self, step: int) -> None:
         with self.meter.paused():
-            loss = evaluate(self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten)
+            loss = evaluate(
+                self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten, shape=self.shape
+            )
         self.eval_losses[step] = loss
         log.info("step %d | eval_loss %.4f", step, loss)
         self.metrics.write({"step": step, "eval_loss": loss})
@@ -186,14 +198,16 @@ class Trainer:
         env = self.env
         batches, self.position = self.prefetcher.next()
         # Counted on the CPU when collating and summed over a CPU group: no wait for the device.
-        tokens, loss_tokens, squared = all_reduce_sum(
+        window_pairs = self.flops.window_pairs(np.concatenate([b["document_lengths"] for b in batches]))
+        tokens, loss_tokens, squared, *window_pairs = all_reduce_sum(
             sum(b["num_tokens"] for b in batches), sum(b["num_loss_tokens"] for b in batches),
-            sum(b["sum_squared_lengths"] for b in batches), device=torch.device("cpu"), group=env.cpu_group,
+            sum(b["sum_squared_lengths"] for b in batches), *window_pairs, device=torch.device("cpu"),
+            group=env.cpu_group,
         )  # fmt: skip
         micro_batches = [to_device(b, env.device) for b in batches]
         output = train_step(self.model, self.optimizer, self.scheduler, micro_batches,
                             loss_scale=env.world_size / max(loss_tokens, 1), cfg=self.cfg)  # fmt: skip
-        self.meter.add(output, tokens=tokens, sum_squared_lengths=squared)
+        self.meter.add(output, tokens=tokens, sum_squared_lengths=squared, window_pairs=window_pairs)
         if step % self.cfg.log_every == 0 or step == self.max_steps:
             record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch,
                       "peak_memory_mb": peak_memory_mb(env.device)}  # fmt: skip
