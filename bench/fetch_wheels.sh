@@ -20,7 +20,7 @@ packages=(
     pandas==2.3.3 python-dateutil six pytz tzdata  # pandas 2.3 runs on numpy 1.26 and 2.x alike
     requests urllib3 idna charset-normalizer certifi  # datasets imports requests; transformers 5 does not need it
     jsonschema attrs referencing rpds-py jsonschema-specifications
-    liger-kernel  # needs torch and triton, which the GPU machine has
+    liger-kernel==0.8.5  # the HF Trainer's use_liger_kernel (best row); needs torch and triton, which it has
 )
 mkdir -p "$DEST"
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
