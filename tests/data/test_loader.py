@@ -92,9 +92,9 @@ def test_every_batch_of_a_run_has_its_shape_and_padding_counts_nowhere(flatten):
             k: alone[k] for k in ("num_tokens", "num_loss_tokens", "sum_squared_lengths")
         }
         assert int((batch["labels"] != IGNORE_INDEX).sum()) == int((alone["labels"] != IGNORE_INDEX).sum())
-    if flatten:  # the padding is a document of its own; flash-attn's bound on lengths is the row width
-        assert batch["cu_seq_lens"].tolist() == [0, 2, 15] and batch["max_length"] == 5
-        assert batch["position_ids"][0].tolist() == [0, 1, *range(13)]
+    if flatten:  # the padding: documents of their own, none longer than flash-attn's bound, the row width
+        assert batch["cu_seq_lens"].tolist() == [0, 2, 7, 12, 15] and batch["max_length"] == 5
+        assert batch["position_ids"][0].tolist() == [0, 1, *range(5), *range(5), *range(3)]
     else:
         assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
 

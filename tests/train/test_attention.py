@@ -149,6 +149,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_s
     """flash-attn's varlen call, computed document by document with sdpa: what a CPU can check of the varlen path."""
     calls.append({"cu_seq_lens": cu_q.tolist(), "max_length": max_q, "causal": causal, "window": window_size})
     assert torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32 and isinstance(max_q, int)
+    assert (cu_q[1:] - cu_q[:-1]).max() <= max_q  # flash-attn computes nothing of a document past max_length
     out = torch.empty_like(q)
     for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         heads = q.shape[1] // k.shape[1]
@@ -185,11 +186,12 @@ def test_the_flash_attn_path_gets_the_documents_from_collate(tiny_model_dir, mon
             torch.testing.assert_close(logits[start:end], alone, atol=5e-2, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "mistral", "llama"])
+@pytest.mark.parametrize("family", ["gpt_oss", "jamba", "mistral", "llama"])
 def test_a_model_whose_masks_ignore_the_positions_is_known_to_mix_packed_documents(family):
     """With transformers' own masks (eager), a packed document's logits equal the document's alone only where the
     model builds its masks from the positions; keeps_documents_apart tells which, read from the model's source
-    (gpt-oss as of transformers 5.25 does not, and training it packed is refused)."""
+    (gpt-oss as of transformers 5.25 does not, and training it packed is refused); a recurrent layer's state runs
+    from one document into the next whatever the masks (Jamba's Mamba layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from vectorlm.train.attention import keeps_documents_apart
@@ -197,6 +199,7 @@ def test_a_model_whose_masks_ignore_the_positions_is_known_to_mix_packed_documen
     shape = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512}  # fmt: skip
     extra = {"gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
+             "jamba": {"num_experts": 1, "attn_layer_offset": 1, "attn_layer_period": 2, "mamba_d_state": 4},
              "mistral": {"sliding_window": 16}, "llama": {}}[family]  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -207,5 +210,5 @@ def test_a_model_whose_masks_ignore_the_positions_is_known_to_mix_packed_documen
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 12:]
         alone = model(input_ids=ids[:, 12:], position_ids=positions[:, 12:], use_cache=False).logits[0]
     apart = bool(torch.allclose(packed, alone, atol=1e-5))
-    assert apart == (family != "gpt_oss")
+    assert apart == (family not in ("gpt_oss", "jamba"))  # jamba: its Mamba layers' state runs on
     assert keeps_documents_apart(type(model), model.config) == apart

@@ -21,7 +21,7 @@ from transformers import AutoConfig, get_scheduler
 
 from tests.train.test_attention import reference_varlen
 from vectorlm.config import LoraSettings, TrainConfig
-from vectorlm.data.loader import collate
+from vectorlm.data.loader import BatchShape, collate
 from vectorlm.train.attention import document_mask_kwargs
 from vectorlm.train.model import build_model
 from vectorlm.train.step import build_optimizer, train_step
@@ -108,7 +108,8 @@ def host_syncs_of_steps(model_dir, env, *, loss: str, attention: str, mixed_prec
     model, _ = build_model(model_dir, env, train=cfg, lora=LoraSettings(), attention=attention)
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler("constant", optimizer)
-    batches = [collate(ROWS, flatten=attention == "flash_attention_2") for _ in range(2)]
+    shape = BatchShape(rows=3, width=20)  # as training collates: padded to the run's one shape
+    batches = [collate(ROWS, flatten=attention == "flash_attention_2", shape=shape) for _ in range(2)]
     with syncs:
         for _ in range(2):
             train_step(model, optimizer, scheduler, batches, loss_scale=1 / 50, cfg=cfg)

@@ -101,7 +101,8 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShap
     restarting at 0, so padding is one more isolated "document". Flattened form (flash-attn varlen): all rows in one
     row of batch size 1, with the documents' cumulative lengths (``cu_seq_lens``, int32) and a bound on their length
     (``max_length``, for flash-attn: the row width of ``shape``, so that it is the same in every batch, else the
-    longest document); with ``shape``, padding to its ``rows x width`` tokens is one more document at the end.
+    longest document); with ``shape``, padding to its ``rows x width`` tokens is more documents at the end, none
+    longer than ``width``.
 
     Counted here, on the CPU, so that training needs no device-to-host copy for them: ``num_tokens`` (real tokens),
     ``num_loss_tokens`` (next-token targets that count in the loss), ``sum_squared_lengths`` (over documents, what
@@ -123,11 +124,13 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShap
         batch = {c: torch.tensor(np.concatenate([r[c] for r in rows]), dtype=torch.long)[None] for c in columns}
         lengths = np.concatenate(lengths)
         padding = 0 if shape is None else shape.rows * shape.width - counts["num_tokens"]
-        if padding:
+        if padding:  # documents of at most a row's width: flash-attn trusts max_length and computes nothing past it
             batch = {"input_ids": F.pad(batch["input_ids"], (0, padding)),
                      "labels": F.pad(batch["labels"], (0, padding), value=IGNORE_INDEX),
-                     "position_ids": torch.cat([batch["position_ids"], torch.arange(padding)[None]], dim=1)}  # fmt: skip
-            lengths = np.append(lengths, padding)
+                     "position_ids": torch.cat([batch["position_ids"], (torch.arange(padding) % shape.width)[None]],
+                                               dim=1)}  # fmt: skip
+            whole, rest = divmod(padding, shape.width)
+            lengths = np.concatenate([lengths, [shape.width] * whole, [rest] if rest else []]).astype(np.int64)
         boundaries = {"cu_seq_lens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
                       "max_length": int(lengths.max()) if shape is None else shape.width}  # fmt: skip
         return {**batch, **counts, **boundaries}

@@ -135,16 +135,22 @@ def keeps_documents_apart(model_class: type, config: PretrainedConfig) -> bool:
     """Whether packed documents stay apart in a forward of ``model_class`` built with ``config``: by our own document
     boundaries or masks (:func:`document_mask_kwargs`), else by transformers' masks, which follow the restarting
     ``position_ids`` only where the model's forward passes them to its mask functions (gpt-oss's does not, as of
-    transformers 5.25: its packed documents would attend to each other)."""
+    transformers 5.25: its packed documents would attend to each other). Read from the model's source, and False
+    when in doubt: layers with a recurrent state (Mamba, linear attention: Jamba, Bamba, Qwen3-Next) carry it from one
+    document into the next whatever the masks, and a model whose mask calls are not recognised is not trusted."""
+    source = inspect.getsource(sys.modules[model_class.__module__])
+    recurrent = r"mamba|selective_scan|causal_conv1d|linear_attention|gated_delta|rwkv|recurrent"
+    if re.search(recurrent, source, re.IGNORECASE):
+        return False
     attention = config._attn_implementation
     if attention == FLASH_VARLEN or (attention in ("sdpa", "flex_attention") and all_layers_attend_fully(config)):
         return True
-    source = inspect.getsource(sys.modules[model_class.__module__])
     mask_calls = re.findall(r"mask_kwargs = \{(.*?)\n\s*\}", source, re.DOTALL) + re.findall(
         r"(?:create_causal_mask|create_sliding_window_causal_mask|create_chunked_causal_mask|mask_function)\((.*?)\)",
         source, re.DOTALL,
     )  # fmt: skip
-    return all("position_ids" in call for call in mask_calls if "config" in call)
+    mask_calls = [call for call in mask_calls if "config" in call]
+    return bool(mask_calls) and all("position_ids" in call for call in mask_calls)
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -115,11 +115,20 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += a @ b``: ``total`` in fp32, ``a`` and ``b`` multiplied in their own dtype (bf16 on tensor cores)."""
     if a.dtype == total.dtype or not a.is_cuda:  # a CPU has no mixed-dtype matmul
         torch.addmm(total, a.to(total.dtype), b.to(total.dtype), out=total)  # (FlopCounterMode skips addmm_)
-    else:
+        return
+    if _MIXED_ADDMM.get(a.device, True):
         try:  # in place, products summed in fp32
             torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-        except RuntimeError:  # a torch whose addmm wants ``total`` in the inputs' dtype: an fp32 product per chunk
-            total += torch.mm(a, b, out_dtype=total.dtype)
+            _MIXED_ADDMM[a.device] = True
+            return
+        except RuntimeError as error:  # tried once per device, not in every chunk
+            _MIXED_ADDMM[a.device] = False
+            log.warning("train.loss: this torch cannot add a bf16 matmul into an fp32 buffer in place (%s); each "
+                        "chunk adds an fp32 product instead: one more vocabulary x hidden fp32 temporary", error)  # fmt: skip
+    total += torch.mm(a, b, out_dtype=total.dtype)
+
+
+_MIXED_ADDMM: dict[torch.device, bool] = {}  # whether addmm(out_dtype=fp32, out=) works, by device
 
 
 def _chunks(hidden: torch.Tensor, targets: torch.Tensor):

@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import get_scheduler
+from transformers import AutoConfig, get_scheduler
 
 from vectorlm.config import ConfigError, TrainConfig, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
@@ -33,7 +33,7 @@ from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.hub.model_dir import check_model_dir
 from vectorlm.log import format_duration
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import keeps_documents_apart, resolve_attention, supported_attention
+from vectorlm.train.attention import keeps_documents_apart, model_attention, resolve_attention, supported_attention
 from vectorlm.train.checkpoint import Checkpointer, load_checkpoint
 from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
 from vectorlm.train.job import TrainJob
@@ -89,12 +89,14 @@ class Trainer:
         self.attention = resolve_attention(cfg.attention, env.device, supported=supported_attention(model_class),
                                            model_name=model_class.__name__)  # fmt: skip
         self.flatten = self.attention == "flash_attention_2"
+        config = AutoConfig.from_pretrained(self.job.model, trust_remote_code=self.job.trust_remote_code)
+        config._attn_implementation = model_attention(self.attention)
+        if self.packing and not keeps_documents_apart(model_class, config):  # before any weight is read
+            raise ConfigError(f"data.packing: {model_class.__name__} with attention {self.attention} would let packed "
+                              "documents see each other (its attention masks ignore the positions that mark them, or "
+                              "its layers carry a recurrent state from one into the next); set data.packing: false")  # fmt: skip
         model, mesh = build_model(self.job.model, env, train=self.computed(cfg), lora=self.job.lora,
                                   attention=self.attention, trust_remote_code=self.job.trust_remote_code)  # fmt: skip
-        if self.packing and not keeps_documents_apart(model_class, model.config):
-            raise ConfigError(f"data.packing: {model_class.__name__} with attention {self.attention} would let packed "
-                              "documents attend to each other (its forward builds attention masks without the "
-                              "positions that mark documents); set data.packing: false")  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
         self.optimizer = build_optimizer(model, cfg)
