@@ -98,7 +98,12 @@ def supported_attention(model_class: type) -> tuple[str, ...]:
 def _has_attention_sinks(model_class: type) -> bool:
     """Whether the model's attention passes learned sinks (``s_aux``: gpt-oss), which transformers' flash-attn path
     supports and ours does not; read from the source of the model's module, as the model declares nothing of it."""
-    return "s_aux=" in inspect.getsource(sys.modules[model_class.__module__])
+    return "s_aux=" in _module_source(model_class)
+
+
+def _module_source(model_class: type) -> str:
+    """The source of the module that defines ``model_class`` (its attention, masks and layers)."""
+    return inspect.getsource(sys.modules[model_class.__module__])
 
 
 def resolve_attention(requested: str, device: torch.device, *, supported: tuple[str, ...] = PREFERENCE,
@@ -138,7 +143,7 @@ def keeps_documents_apart(model_class: type, config: PretrainedConfig) -> bool:
     transformers 5.25: its packed documents would attend to each other). Read from the model's source, and False
     when in doubt: layers with a recurrent state (Mamba, linear attention: Jamba, Bamba, Qwen3-Next) carry it from one
     document into the next whatever the masks, and a model whose mask calls are not recognised is not trusted."""
-    source = inspect.getsource(sys.modules[model_class.__module__])
+    source = _module_source(model_class)
     recurrent = r"mamba|selective_scan|causal_conv1d|linear_attention|gated_delta|rwkv|recurrent"
     if re.search(recurrent, source, re.IGNORECASE):
         return False

@@ -111,6 +111,9 @@ def _chunk_loss_and_grads(hidden, weight, bias, targets, *, scale: float = 1.0, 
     return loss, grad, grad @ weight, grad_bias
 
 
+_MIXED_ADDMM: dict[torch.device, bool] = {}  # whether addmm(out_dtype=fp32, out=) works, by device
+
+
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += a @ b``: ``total`` in fp32, ``a`` and ``b`` multiplied in their own dtype (bf16 on tensor cores)."""
     if a.dtype == total.dtype or not a.is_cuda:  # a CPU has no mixed-dtype matmul
@@ -126,9 +129,6 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             log.warning("train.loss: this torch cannot add a bf16 matmul into an fp32 buffer in place (%s); each "
                         "chunk adds an fp32 product instead: one more vocabulary x hidden fp32 temporary", error)  # fmt: skip
     total += torch.mm(a, b, out_dtype=total.dtype)
-
-
-_MIXED_ADDMM: dict[torch.device, bool] = {}  # whether addmm(out_dtype=fp32, out=) works, by device
 
 
 def _chunks(hidden: torch.Tensor, targets: torch.Tensor):
