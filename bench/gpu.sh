@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, at most 9 minutes: the gpu-marked tests (at most 2 minutes), then the throughput
 # benchmark in the time left (bench/throughput.py: vectorlm compiled and eager against the HF Trainer at its best and
-# by default, 1B shape, ~6.5 minutes on an H100 with compilation; a row that would not fit is skipped and said so).
+# by default, 1B shape, ~6.5 minutes on an H100 with compilation; a row that would not fit is skipped and said so;
+# every vectorlm row shows rule estimate's traced peak beside torch.cuda.max_memory_allocated, which calibrates it).
 #
 #     bash bench/gpu.sh
 #

@@ -182,6 +182,7 @@ class Row:
     compile_seconds: float | None = None  # the warm-up steps' excess over timed steps
     seconds: float | None = None  # the row's processes, start to end
     peak_memory_gib: float | None = None
+    estimated_gib: float | None = None  # rule estimate's traced peak for this row's settings (vectorlm rows)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -409,6 +410,8 @@ def measure(run: Run, *, model: str, model_dir: Path, config: str) -> Row:
         log = (out / "worker.log").read_text(errors="replace")
         if result is not None:
             steps, row.settings, row.peak_memory_gib, notes = result
+            if not baseline:
+                row.estimated_gib = estimated_peak_gib(run, model_dir=model_dir, keys=keys)
             row.micro_batch = micro_batch
             row.windows, row.flops_per_second, row.compile_seconds, row.tokens_per_step = summarise(steps, run.setting)
             row.notes += notes
@@ -429,6 +432,18 @@ def measure(run: Run, *, model: str, model_dir: Path, config: str) -> Row:
               file=sys.stderr)  # fmt: skip
         row.notes.append(f"failed: {_last_error(log)}")
         return row
+
+
+def estimated_peak_gib(run: Run, *, model_dir: Path, keys: dict) -> float:
+    """What rule estimate predicts for a vectorlm row: the traced peak of one rank (vectorlm.estimate.memory), which
+    torch.cuda.max_memory_allocated measures (the allowance for the CUDA context and fragmentation is not in either)."""
+    from vectorlm.config import LoraSettings, TrainConfig
+    from vectorlm.estimate.memory import step_memory
+
+    train = TrainConfig(**{**run.train_keys, **keys})
+    memory, _ = step_memory(model_dir, train=train, lora=LoraSettings(), max_seq_len=run.setting.seq_len,
+                            world_size=1, ranks_per_node=1)  # fmt: skip
+    return memory.peak / 2**30
 
 
 def summarise(steps: list[dict], setting: Setting) -> tuple[list[float], float, float, float]:
@@ -578,7 +593,9 @@ def format_report(rows: list[Row], *, run: Run, info: dict, data: dict, command:
         f"fused AdamW. Compiled with {run.compile_backend}. MFU: vectorlm.train.metrics.training_flops per step (one "
         f"formula for every row) over the data sheet's bf16 peak ({_tflops(info['nominal_peak'])}) and over a matmul "
         f"peak measured now ({_tflops(info['measured_peak'])}, metrics.measured_matmul_peak). Peak memory: "
-        f"{'torch.cuda.max_memory_allocated' if info['gpu'] else 'resident set size'}."
+        f"{'torch.cuda.max_memory_allocated' if info['gpu'] else 'resident set size'}; estimate: what rule estimate "
+        "traces for the row's settings on one rank (vectorlm.estimate.memory, without its allowance for the CUDA "
+        "context and fragmentation, which max_memory_allocated does not see either), for vectorlm's rows."
     )  # fmt: skip
     lines = [f"# Training throughput: vectorlm against the HF Trainer, one {info['gpu'] or 'CPU process'}", "",
              f"    {command}", "", f"{today}; {device}; {versions}, Python {info['python']}; {seconds:.0f} s in all.",
@@ -594,7 +611,7 @@ def format_report(rows: list[Row], *, run: Run, info: dict, data: dict, command:
 
 COLUMNS = ["configuration", "attention", "loss", "compile", "checkpointing", "micro-batch", "tokens/step",
            "tokens/s", "spread", "MFU (data sheet)", "MFU (measured peak)", "compile s", "row s", "peak GiB",
-           "vs best HF", "notes"]  # fmt: skip
+           "estimate GiB", "vs best HF", "notes"]  # fmt: skip
 
 
 def _tflops(flops: float | None) -> str:
@@ -609,7 +626,7 @@ def _mfu(row: Row, peak: float | None) -> str:
 
 def _table(rows: list[Row], info: dict) -> list[str]:
     best = _best(rows, baseline=True)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in sorted(rows, key=lambda r: (r.config in BASELINES, [*CONFIGS, *BASELINES].index(r.config))):
         measured = r.tokens_per_second is not None
         cells = [
@@ -624,6 +641,7 @@ def _table(rows: list[Row], info: dict) -> list[str]:
             f"{r.compile_seconds:.0f}" if measured else "-",
             f"{r.seconds:.0f}" if r.seconds else "-",
             f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib else "-",
+            f"{r.estimated_gib:.3g}" if r.estimated_gib else "-",
             f"{r.tokens_per_second / best.tokens_per_second:.2f}x" if best and measured else "-",
             "; ".join(r.notes),
         ]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vectorlm.config import Config, to_plain
-from vectorlm.config_schema import rerun_stage, without_operational
+from vectorlm.config_schema import estimate_settings, rerun_stage, without_operational
 from vectorlm.pipeline.cache_keys import (
     DataEntries,
     base_chat_template,
@@ -179,6 +179,16 @@ def get_base_evaluation_params():
 def get_evaluate_targets():
     """Rule evaluate's results, which `all` asks for when the config has an evaluate section."""
     return [rules.evaluate.output.results] if CFG.evaluate is not None else []
+
+
+def get_train_resources(wildcards):
+    """The train rule's resources that place its ranks and GPUs (as the rule, a profile or --set-resources set them)."""
+    resources = workflow.get_rule("train").resources
+    return {
+        name: resources[name].raw
+        for name in ("tasks", "nodes", "gres", "gpu")
+        if name in resources
+    }
 
 
 def check_train_resources(rule):

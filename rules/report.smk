@@ -6,6 +6,7 @@ rule report:
         tokenized=rules.link_data.output.tokenized,
         packed=rules.link_data.output.packed,
         model=rules.convert_hf.output.model,
+        estimate=rules.estimate.output.estimate,
     output:
         loss=report(
             str(RUN.report / "loss.png"),

@@ -1,8 +1,36 @@
+rule estimate:
+    """Memory per GPU, time and disk of the training run, from the model's config.json alone (no GPU, no weights), in
+    {output_dir}/estimate: a run that will not fit the GPUs stops here, before train is queued (docs/estimate.md).
+    """
+    input:
+        model=model_input(),
+    output:
+        estimate=str(RUN.estimate),
+    log:
+        str(RUN.log("estimate")),
+    localrule: True
+    threads: 1
+    params:
+        train=estimate_settings("train", to_plain(CFG.train)),
+        lora=estimate_settings("lora", to_plain(CFG.lora)),
+        export_dtype=CFG.export.dtype,
+        estimate=to_plain(CFG.estimate),
+        max_seq_len=CFG.max_seq_len,
+        resources=get_train_resources,
+        packed_stats=str(RUN.packed / "stats.json"),
+        trust_remote_code=CFG.trust_remote_code,
+        fingerprint=fingerprint("estimate.py", model=["files"]),
+    script:
+        "../workflow_scripts/estimate.py"
+
+
 rule train:
     """FSDP2 training on resources.tasks ranks; the sharded checkpoint lands in {output_dir}/checkpoints."""
     input:
         packed=rules.link_data.output.packed,
         model=model_input(),
+        # ancient: a new estimate (other GPUs, another estimate.*) reruns no training
+        estimate=ancient(rules.estimate.output.estimate),
     output:
         summary=str(RUN.summary),
     log:

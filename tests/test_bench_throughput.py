@@ -69,6 +69,8 @@ def test_tiny_benchmark_measures_vectorlm_and_the_hf_trainer_side_by_side(tmp_pa
     # What each vectorlm row used is read from its own run.
     assert rows["vectorlm, compiled"]["compile"] == "blocks + loss (aot_eager)"
     assert rows["vectorlm, eager"]["compile"] == "none"
+    # rule estimate's prediction beside every vectorlm row's measured peak (calibrated on the first GPU run)
+    assert number(rows["vectorlm, eager"]["estimate GiB"]) > 0 and rows["HF Trainer, default"]["estimate GiB"] == "-"
     assert rows["vectorlm, compiled"]["loss"] == rows["vectorlm, eager"]["loss"] != "-"
     assert rows["HF Trainer, best"]["compile"].startswith("blocks, regional")
     assert "without Liger" in rows["HF Trainer, best"]["notes"]

@@ -36,8 +36,9 @@ FLOORS = {
     "train": 3,
     "export": 4,  # consolidate, convert_hf (read training's checkpoints and LoRA format)
     "evaluate": 4,
-    "report": 4,  # the run's report, compare (read training's metrics)
-    "pipeline": 5,  # what the Snakefile imports: preflight checks, fingerprints, cache keys, the summary
+    "estimate": 4,  # rule estimate: a training step traced on fake tensors (builds the model as training does)
+    "report": 5,  # the run's report, compare (read training's metrics and the estimate)
+    "pipeline": 6,  # what the Snakefile imports: preflight checks, fingerprints, cache keys, the summary
 }
 
 

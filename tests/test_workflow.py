@@ -171,7 +171,42 @@ def test_changing_max_seq_len_reruns_packing_onward(finished_run):
     workdir, _ = finished_run
     edited = write_config(workdir, {**TINY, "max_seq_len": 64}, "seq.yaml")
     jobs = planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n"))
-    assert jobs == {"pack", "link_data", "train", "consolidate", "convert_hf", "evaluate", "report", "all"}
+    assert jobs == {"estimate", "pack", "link_data", "train", "consolidate", "convert_hf", "evaluate", "report", "all"}
+
+
+def test_the_estimate_ran_before_training_and_its_table_is_in_the_report(finished_run):
+    workdir, _ = finished_run
+    out = workdir / "results" / "tiny-test"
+    estimate = json.loads((out / "estimate" / "estimate.json").read_text())
+    assert estimate["target"]["world_size"] == 2 and estimate["settings"]["micro_batch_size"] == 2
+    assert estimate["steps"] == 12 and estimate["memory"]["fits"] is None  # CPU ranks: no GPU memory to compare
+    assert "| **peak** |" in (out / "logs" / "estimate.log").read_text()
+    summary = (out / "report" / "summary.md").read_text()
+    assert "## The estimate before training (rule estimate)" in summary and "| **peak** |" in summary
+
+
+def test_another_gpu_redoes_the_estimate_and_reruns_no_training(finished_run):
+    workdir, _ = finished_run
+    edited = write_config(workdir, {**TINY, "estimate": {"gpu": "H100", "gpu_memory": "40GB"}}, "gpu.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"estimate"}
+
+
+def test_a_run_that_will_not_fit_stops_before_training_with_the_levers(finished_run):
+    """A 1 GB GPU cannot hold the CUDA context's allowance alone: the estimate fails, naming the levers it tried and
+    the key that makes it a warning, and train (whose lr changed) never starts."""
+    workdir, _ = finished_run
+    out = workdir / "results" / "tiny-test"
+    train_log = (out / "logs" / "train.log").read_text()
+    tiny = {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}, "estimate": {"gpu": "H100", "gpu_memory": "1GB"}}
+    result = snakemake(workdir, f"--configfile={write_config(workdir, tiny, 'small.yaml')}", "all")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    log = (out / "logs" / "estimate.log").read_text()
+    assert "more than the 0.9 GiB of a H100 (estimate.gpu_memory); nothing was queued" in log
+    assert "- train.activation_checkpointing: full: peak" in log and "set estimate.check: warn" in log
+    assert "Error in rule estimate" in output
+    assert (out / "logs" / "train.log").read_text() == train_log  # training never started
+    assert (out / "hf_model" / "config.json").is_file()
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):

@@ -236,6 +236,19 @@ class ExportConfig:
         return parse_size(self.max_shard_size, key="export.max_shard_size")
 
 
+@schema_section("estimate")
+class EstimateConfig:
+    gpu: str | None
+    gpu_memory: str | None
+    mfu: float | None
+    check: str
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None:
+            parse_size(self.gpu_memory, key="estimate.gpu_memory")
+        check_section("estimate", to_plain(self))
+
+
 @schema_section("evaluate")
 class EvaluateConfig:
     tasks: tuple[str, ...]
@@ -266,6 +279,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     evaluate: EvaluateConfig | None = None  # the evaluate stage runs only when the config has the section
     trust_remote_code: bool = section_properties(None)["trust_remote_code"]["default"]
     cache_dir: str | None = section_properties(None)["cache_dir"]["default"]
@@ -300,6 +314,7 @@ class Config:
             train=TrainConfig(**resolved["train"]),
             export=ExportConfig(**resolved["export"]),
             lora=LoraSettings(**resolved["lora"]),
+            estimate=EstimateConfig(**resolved["estimate"]),
             evaluate=EvaluateConfig(**resolved["evaluate"]) if resolved.get("evaluate") is not None else None,
         )
 

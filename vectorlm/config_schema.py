@@ -156,9 +156,9 @@ def rerun_stage(section: str | None, key: str) -> str:
     return section_properties(section)[key]["x-reruns"]
 
 
-def keys_marked(annotation: str, value: str) -> dict[str, tuple[str, ...]]:
-    """{section: its keys whose ``annotation`` (``x-reruns``, ``x-resume``) is ``value``}, for the sections that have
-    such keys."""
+def keys_marked(annotation: str, value: str | bool) -> dict[str, tuple[str, ...]]:
+    """{section: its keys whose ``annotation`` (``x-reruns``, ``x-resume``, ``x-estimate``) is ``value``}, for the
+    sections that have such keys."""
     marked = {}
     for section, prop in schema()["properties"].items():
         keys = tuple(k for k, p in prop.get("properties", {}).items() if p.get(annotation) == value)
@@ -170,6 +170,15 @@ def keys_marked(annotation: str, value: str) -> dict[str, tuple[str, ...]]:
 # Settings that change how a stage runs, never what it writes: they are left out of the stages' params, so changing
 # one reruns nothing; the stages read them from the resolved config.
 OPERATIONAL_KEYS = keys_marked("x-reruns", "nothing")
+
+
+# The train and lora settings the memory and time estimate depends on (rule estimate's params).
+ESTIMATE_KEYS = keys_marked("x-estimate", True)
+
+
+def estimate_settings(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a config section) reduced to the settings of :data:`ESTIMATE_KEYS`."""
+    return {k: v for k, v in values.items() if k in ESTIMATE_KEYS.get(section, ())}
 
 
 def operational(config: dict[str, Any], section: str) -> dict[str, Any]:

@@ -75,6 +75,11 @@ class RunDir:
         return self.train / "summary.json"
 
     @property
+    def estimate(self) -> Path:
+        """The memory and time estimate of the training run (rule estimate, before train)."""
+        return self.root / "estimate" / "estimate.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -27,11 +27,11 @@ def causal_lm_class(model_dir: str | Path, *, trust_remote_code: bool = False) -
 
 
 def build_empty_model(
-    model_dir: str | Path, *, attn_implementation: str = "eager", trust_remote_code: bool = False
+    model_dir: str | Path, *, attn_implementation: str = "eager", trust_remote_code: bool = False, **overrides
 ) -> PreTrainedModel:
     """The model ``model_dir``'s config describes, as training builds it, with its parameters on the meta device (no
-    weights read) and its buffers (e.g. rotary frequencies) computed on CPU."""
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    weights read) and its buffers (e.g. rotary frequencies) computed on CPU; ``overrides`` replace config values."""
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, **overrides)
     # A KV cache makes transformers ignore per-document position_ids, so packed documents would attend to each other.
     config.use_cache = False
     if getattr(config, "output_router_logits", False):

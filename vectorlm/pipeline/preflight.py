@@ -23,7 +23,7 @@ from typing import Any
 
 from vectorlm.config import Config, ConfigError
 from vectorlm.data.sources import check_source
-from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir
+from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir, read_model_config
 from vectorlm.pipeline.evaluate_tasks import check_chat_template, check_tasks
 from vectorlm.train.placement import Placement, check_train_resources
 
@@ -47,7 +47,9 @@ def check_experiment(config: Config, *, model_will_be_built: bool, state_dir: st
 
 
 def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
-    """The data files, the model directory and where the experiment writes (:func:`check_experiment`)."""
+    """The data files, the model directory and where the experiment writes (:func:`check_experiment`). A model
+    directory that holds a config.json and nothing else (no weights, no tokenizer: examples/llama-3.1-8b) is one to
+    estimate (``snakemake estimate``); any stage that reads more of it fails at its start, naming what is missing."""
     check_outputs(config)
     for (key, path), source in zip(config.data.paths.items(), config.data.sources):
         check_source(path, key=key, fields=source.data.fields, split=source.data.split)
@@ -56,8 +58,17 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
         check_source(config.data.eval, key="data.eval", fields=first.fields, split=first.split)
     if model_will_be_built and not Path(config.model).exists():
         return
-    check_model_dir(config.model)
+    if is_config_only(config.model):
+        read_model_config(config.model)
+    else:
+        check_model_dir(config.model)
     check_max_seq_len(config.max_seq_len, config.model)
+
+
+def is_config_only(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds a config.json and no other file (a model described, not a model)."""
+    files = [path.name for path in Path(model_dir).iterdir() if not path.name.startswith(".")]
+    return files == ["config.json"]
 
 
 def check_outputs(config: Config) -> None:

@@ -154,6 +154,11 @@ def write_report(run: RunDir) -> dict[str, Any]:
         f"- model: {model.resolve()}",
         "", "Figures: loss.png, optimization.png, throughput.png, data.png",
     ]  # fmt: skip
+    if run.estimate.is_file():  # what rule estimate predicted before training, beside what the run measured
+        from vectorlm.estimate.table import format_estimate
+
+        lines += ["", "## The estimate before training (rule estimate)", "", *format_estimate(
+            json.loads(run.estimate.read_text()))]  # fmt: skip
     (output / "summary.md").write_text("\n".join(lines) + "\n")
     log.info("report written to %s", output)
     return numbers

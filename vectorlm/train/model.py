@@ -119,6 +119,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+def shard_for_training(
+    model: PreTrainedModel, mesh: DeviceMesh, *, train: TrainConfig, lora: LoraSettings, device: torch.device
+) -> tuple[nn.Module, dict | None]:
+    """The empty (meta-device) ``model`` made what every training step runs: LoRA adapters (if enabled), the loss,
+    activation checkpointing and compiled blocks as configured, sharded with FSDP2 over ``mesh``. Returns it and the
+    adapters' initial values (None without LoRA). Training fills it with weights; the estimate
+    (vectorlm/estimate/memory.py) traces a step of it on fake tensors."""
+    adapters = None
+    if lora.enabled:
+        model, adapters = apply_lora(model, lora, seed=train.seed)
+        if train.mixed_precision:
+            store_frozen_in_bf16(model)
+    loss = install_loss(model, resolve_loss(train.loss, device), compile=train.compile)
+    apply_activation_checkpointing(decoder_layers(model), train.activation_checkpointing)
+    if train.compile:
+        compile_layers(model)
+    log.info("loss %s, activation checkpointing %s, %s", loss, train.activation_checkpointing,
+             "decoder blocks and loss compiled" if train.compile else "not compiled")  # fmt: skip
+    apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
+    return model, adapters
+
+
 def build_model(
     model_dir: str | Path,
     env: DistributedEnv,
@@ -134,19 +156,8 @@ def build_model(
         model_dir, attn_implementation=model_attention(attention), trust_remote_code=trust_remote_code
     )
     plain, layout = model, weight_layout(model, model_dir)
-    adapters = None
-    if lora.enabled:
-        model, adapters = apply_lora(model, lora, seed=train.seed)
-        if train.mixed_precision:
-            store_frozen_in_bf16(model)
-    loss = install_loss(model, resolve_loss(train.loss, env.device), compile=train.compile)
-    apply_activation_checkpointing(decoder_layers(model), train.activation_checkpointing)
-    if train.compile:
-        compile_layers(model)
-    log.info("loss %s, activation checkpointing %s, %s", loss, train.activation_checkpointing,
-             "decoder blocks and loss compiled" if train.compile else "not compiled")  # fmt: skip
     mesh = build_mesh(env, train.sharding)
-    apply_fsdp(model, mesh, mixed_precision=train.mixed_precision)
+    model, adapters = shard_for_training(model, mesh, train=train, lora=lora, device=env.device)
     start = time.monotonic()
     log.info("reading this rank's shards of the weights of %s", model_dir)
     materialize(model, model_dir, env.device, layout=layout, group=env.checkpoint_group, converting_model=plain)

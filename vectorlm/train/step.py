@@ -65,6 +65,19 @@ class StepOutput:
     lr: float  # the learning rate the step used
 
 
+def accumulate_gradients(model, micro_batches, *, loss_scale: float, cfg: TrainConfig) -> torch.Tensor:
+    """Forward and backward of each micro-batch, adding ``loss_scale`` x its summed loss's gradients to the
+    parameters' (sharded) gradients; returns this rank's summed loss, on the device."""
+    local_loss = torch.zeros((), device=next(model.parameters()).device)
+    for index, batch in enumerate(micro_batches):
+        set_gradient_sync(model, last=index == len(micro_batches) - 1, sharding=cfg.sharding,
+                          defer=cfg.defer_gradient_sync)  # fmt: skip
+        loss = loss_sum(model, batch)
+        (loss * loss_scale).backward()
+        local_loss += loss.detach()
+    return local_loss
+
+
 def train_step(model, optimizer, scheduler, micro_batches, *, loss_scale: float, cfg: TrainConfig) -> StepOutput:
     """One optimizer step over this rank's micro-batches of a global batch.
 
@@ -73,13 +86,7 @@ def train_step(model, optimizer, scheduler, micro_batches, *, loss_scale: float,
     norm is NaN or Inf changes no weight and no optimizer state (the fused AdamW skips it on the device, without a
     host synchronisation); the schedule advances as for any step.
     """
-    local_loss = torch.zeros((), device=next(model.parameters()).device)
-    for index, batch in enumerate(micro_batches):
-        set_gradient_sync(model, last=index == len(micro_batches) - 1, sharding=cfg.sharding,
-                          defer=cfg.defer_gradient_sync)  # fmt: skip
-        loss = loss_sum(model, batch)
-        (loss * loss_scale).backward()
-        local_loss += loss.detach()
+    local_loss = accumulate_gradients(model, micro_batches, loss_scale=loss_scale, cfg=cfg)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     skipped = (~torch.isfinite(grad_norm)).float()
