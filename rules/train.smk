@@ -9,6 +9,8 @@ rule estimate:
     log:
         str(RUN.log("estimate")),
     localrule: True
+    # scheduled first among the jobs ready at the start (tokenize may still start beside it)
+    priority: 100
     threads: 1
     params:
         train=estimate_settings("train", to_plain(CFG.train)),

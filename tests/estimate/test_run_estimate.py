@@ -103,3 +103,19 @@ def test_a_run_that_does_not_fit_names_the_micro_batch_and_the_levers(deep_model
     warned = estimate_stage(deep_model, tmp_path / "c.json", settings={"gpu": "H100", "gpu_memory": f"{int(budget)}B",
                                                                       "check": "warn"}, **kwargs)  # fmt: skip
     assert warned["memory"]["fits"] is False
+
+
+def test_deferred_gradient_sync_holds_unsharded_fp32_gradients_of_every_parameter(tiny_model_dir):
+    """With train.defer_gradient_sync and accumulation, the micro-steps before the last keep an unsharded fp32
+    gradient of every parameter on every rank instead of this rank's shard (docs/config.md): the peak grows by the
+    difference, 4 bytes x parameters x (1 - 1 / ranks)."""
+    from vectorlm.hub.meta_model import build_empty_model
+
+    num_params = sum(p.numel() for p in build_empty_model(tiny_model_dir).parameters())
+    peaks = {}
+    for defer in (False, True):
+        train = TrainConfig(micro_batch_size=1, global_batch_size=8, defer_gradient_sync=defer)
+        memory, _ = step_memory(tiny_model_dir, train=train, lora=LoraSettings(), max_seq_len=512, world_size=2,
+                                ranks_per_node=2)  # fmt: skip
+        peaks[defer] = memory.peak
+    assert peaks[True] - peaks[False] == pytest.approx(4 * num_params / 2, rel=0.01)

@@ -176,7 +176,11 @@ def trace_step_memory(
             model.to_empty(device=device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             accumulating = train.grad_accumulation_steps(world_size) > 1
-            if accumulating:  # micro-steps after the first add to the gradients of the ones before
+            # With train.defer_gradient_sync, micro-steps before the last keep unsharded fp32 gradients of every
+            # parameter: two micro-steps are traced. Else micro-steps after the first add to the gradient shards of
+            # the ones before, which are there from the start.
+            deferred = accumulating and train.defer_gradient_sync
+            if accumulating and not deferred:
                 for param in trainable:
                     param.grad = torch.zeros_like(param)
             rows, columns = train.micro_batch_size, max_seq_len
@@ -186,7 +190,8 @@ def trace_step_memory(
             tracker = _StepTracker(model)
             tracker.track_inputs((batch["input_ids"], batch["position_ids"], batch["labels"]))
             with tracker:
-                accumulate_gradients(model, [batch], loss_scale=1.0, cfg=settings)
+                accumulate_gradients(model, [batch] * (2 if deferred else 1), loss_scale=1.0, cfg=settings,
+                                     after_micro_step=tracker.reset_mod_stats)  # fmt: skip
             peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     kinds = _FSDPRefType
     traced_gradients = peak.get(kinds.SHARDED_GRAD, 0)
@@ -200,7 +205,9 @@ def trace_step_memory(
         parameters=peak.get(kinds.SHARDED_PARAM, 0) + peak.get(kinds.BUFFER, 0),
         # gradients the tracker saw created, or those that were there before the trace (accumulation), whichever
         # is more: at the peak a step that starts without them may hold only some
-        gradients=max(traced_gradients, _local_bytes(p.grad for p in trainable) if accumulating else 0),
+        gradients=max(
+            traced_gradients, _local_bytes(p.grad for p in trainable) if accumulating and not deferred else 0
+        ),
         optimizer=adamw_state_bytes(trainable),
         gathered=peak.get(kinds.UNSHARDED_PARAM, 0) + peak.get(kinds.ALL_GATHER, 0),
         reducing=peak.get(kinds.UNSHARDED_GRAD, 0) + peak.get(kinds.REDUCE_SCATTER, 0),

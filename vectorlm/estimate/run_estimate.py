@@ -157,7 +157,7 @@ def _largest_micro_batch(memory_of, train: TrainConfig, target: Target) -> int |
 
 def _levers(memory_of, *, train: TrainConfig, lora: LoraSettings, target: Target, peak: int) -> list[dict[str, Any]]:
     """Each change of one setting that lowers the peak, with the peak it gives: checkpointing, LoRA, a micro-batch of
-    one row, twice the GPUs, full sharding instead of replicas."""
+    one row, twice the GPUs, full or hybrid sharding instead of replicas, gradients reduced at every micro-step."""
     modes = ("none", "selective", "full")
     candidates: list[tuple[str, dict[str, Any]]] = [
         (
@@ -176,6 +176,11 @@ def _levers(memory_of, *, train: TrainConfig, lora: LoraSettings, target: Target
         candidates.append((f"{more} GPUs (resources: train tasks)", {"settings": train, "world_size": more}))
     if train.sharding != "full":
         candidates.append(("train.sharding: full", {"settings": dataclasses.replace(train, sharding="full")}))
+    if train.sharding == "none" and target.world_size // target.ranks_per_node >= 2:
+        candidates.append(("train.sharding: hybrid", {"settings": dataclasses.replace(train, sharding="hybrid")}))
+    if train.defer_gradient_sync and train.grad_accumulation_steps(target.world_size) > 1:
+        no_defer = dataclasses.replace(train, defer_gradient_sync=False)
+        candidates.append(("train.defer_gradient_sync: false", {"settings": no_defer}))
     levers = []
     for change, kwargs in candidates:
         settings = kwargs.pop("settings")

@@ -66,6 +66,8 @@ def format_estimate(result: dict[str, Any]) -> list[str]:
     ]
     if result["largest_micro_batch_size"]:
         lines.append(f"Largest train.micro_batch_size that fits: {result['largest_micro_batch_size']}.")
+    elif memory["fits"] is False:
+        lines.append("No train.micro_batch_size fits, not even one row of max_seq_len tokens, with these settings.")
     for lever in result["levers"]:
         lines.append(f"- {lever['change']}: peak {_gib(lever['peak'])}{' (fits)' if lever['fits'] else ''}")
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +66,11 @@ class StepOutput:
     lr: float  # the learning rate the step used
 
 
-def accumulate_gradients(model, micro_batches, *, loss_scale: float, cfg: TrainConfig) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches, *, loss_scale: float, cfg: TrainConfig,
+                         after_micro_step: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
     """Forward and backward of each micro-batch, adding ``loss_scale`` x its summed loss's gradients to the
-    parameters' (sharded) gradients; returns this rank's summed loss, on the device."""
+    parameters' (sharded) gradients; returns this rank's summed loss, on the device. ``after_micro_step`` is called
+    after each backward pass (the memory estimate's tracker starts a new micro-step there)."""
     local_loss = torch.zeros((), device=next(model.parameters()).device)
     for index, batch in enumerate(micro_batches):
         set_gradient_sync(model, last=index == len(micro_batches) - 1, sharding=cfg.sharding,
@@ -75,6 +78,8 @@ def accumulate_gradients(model, micro_batches, *, loss_scale: float, cfg: TrainC
         loss = loss_sum(model, batch)
         (loss * loss_scale).backward()
         local_loss += loss.detach()
+        if after_micro_step is not None:
+            after_micro_step()
     return local_loss
 
 
