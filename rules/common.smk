@@ -20,6 +20,7 @@ from vectorlm.pipeline.fingerprint import StageFingerprints, built_model_digests
 from vectorlm.pipeline.preflight import (
     check_attention,
     check_experiment,
+    check_fit,
     check_resources,
 )
 from vectorlm.pipeline.summary import interrupted_line, summary_lines
@@ -179,6 +180,13 @@ def get_base_evaluation_params():
 def get_evaluate_targets():
     """Rule evaluate's results, which `all` asks for when the config has an evaluate section."""
     return [rules.evaluate.output.results] if CFG.evaluate is not None else []
+
+
+def get_train_inputs(wildcards):
+    """The train job's inputs, once rule estimate has found that the run fits the GPUs: one that does not (with
+    estimate.check: error) stops the workflow here, before train is queued."""
+    check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
+    return {"packed": rules.link_data.output.packed, "model": model_input()}
 
 
 def get_train_resources(wildcards):

@@ -1,7 +1,10 @@
-rule estimate:
+# A checkpoint: the DAG is evaluated again after it, and train's inputs (get_train_inputs) are known only then, so
+# that a run that will not fit stops before train is queued, while train's inputs stay its data and model (a new
+# estimate, or one that failed and was redone, never reruns a training).
+checkpoint estimate:
     """Memory per GPU, time and disk of the training run, from the model's config.json alone (no GPU, no weights), in
-    {output_dir}/estimate: a run that will not fit the GPUs stops here, before train is queued (docs/estimate.md).
-    """
+    {output_dir}/estimate: a run that will not fit the GPUs stops after it, before train is queued
+    (docs/estimate.md)."""
     input:
         model=model_input(),
     output:
@@ -29,10 +32,7 @@ rule estimate:
 rule train:
     """FSDP2 training on resources.tasks ranks; the sharded checkpoint lands in {output_dir}/checkpoints."""
     input:
-        packed=rules.link_data.output.packed,
-        model=model_input(),
-        # ancient: a new estimate (other GPUs, another estimate.*) reruns no training
-        estimate=ancient(rules.estimate.output.estimate),
+        unpack(get_train_inputs),
     output:
         summary=str(RUN.summary),
     log:

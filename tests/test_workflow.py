@@ -192,9 +192,10 @@ def test_another_gpu_redoes_the_estimate_and_reruns_no_training(finished_run):
 
 
 def test_a_run_that_will_not_fit_stops_before_training_with_the_levers(finished_run):
-    """A 1 GB GPU cannot hold the CUDA context's allowance alone: the estimate fails, naming the levers it tried and
-    the key that makes it a warning, and train (whose lr changed) never starts."""
-    workdir, _ = finished_run
+    """A 1 GB GPU cannot hold the CUDA context's allowance alone: the workflow stops after the estimate, naming the
+    levers it tried and the key that makes it a warning, and train (whose lr changed) never starts; going back to
+    the experiment as it was plans no training."""
+    workdir, config = finished_run
     out = workdir / "results" / "tiny-test"
     train_log = (out / "logs" / "train.log").read_text()
     tiny = {**TINY, "train": {**TINY["train"], "lr": 1.0e-3}, "estimate": {"gpu": "H100", "gpu_memory": "1GB"}}
@@ -202,11 +203,12 @@ def test_a_run_that_will_not_fit_stops_before_training_with_the_levers(finished_
     output = result.stdout + result.stderr
     assert result.returncode != 0
     log = (out / "logs" / "estimate.log").read_text()
-    assert "more than the 0.9 GiB of a H100 (estimate.gpu_memory); nothing was queued" in log
-    assert "- train.activation_checkpointing: full: peak" in log and "set estimate.check: warn" in log
-    assert "Error in rule estimate" in output
+    assert "more than the 0.9 GiB of a H100 (estimate.gpu_memory); train was not queued" in log
+    assert "- train.activation_checkpointing: full: peak" in log
+    assert "train was not queued" in output and "set estimate.check: warn" in output
     assert (out / "logs" / "train.log").read_text() == train_log  # training never started
     assert (out / "hf_model" / "config.json").is_file()
+    assert planned_jobs(snakemake(workdir, f"--configfile={config}", "-n")) == {"estimate"}
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):

@@ -66,12 +66,16 @@ class _StepTracker(FSDPMemTracker):
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__(module)
         self.forward_end: dict | None = None  # the snapshot when the backward pass starts
+        self.phase_peaks: dict[str, dict] = {}  # the peak of the forward passes' and of the backward passes' moments
 
     def _update_peak_stats(self, peak_state) -> None:
         for device, snapshot in self._curr_mem_snap.items():
             if self._peak_mem.get(device, 0) < snapshot[_TOTAL]:
                 self._peak_mem[device] = snapshot[_TOTAL]
                 self._peak_mem_snap[device] = dict(snapshot)
+            phase = "backward" if self._mod_tracker.is_bw else "forward"
+            if self.phase_peaks.get(phase, {}).get(_TOTAL, -1) < snapshot[_TOTAL]:
+                self.phase_peaks[phase] = dict(snapshot)
             # the backward pass's tensors are not activations: at its first operation these are the forward's
             if self.forward_end is None and self._mod_tracker.is_bw:
                 self.forward_end = dict(snapshot)
@@ -96,7 +100,8 @@ def fake_world(world_size: int) -> Iterator[None]:
 _MIXED_BLOCK_KEYS = {"first_k_dense_replace": (None, 0), "mlp_only_layers": (None, []), "decoder_sparse_step": (None, 1),
                      "moe_layer_freq": (None, 1), "interleave_moe_layer_step": (None, 1), "attn_layer_period": (None,),
                      "expert_layer_period": (None,), "hybrid_override_pattern": (None,), "no_rope_layers": (None, []),
-                     "num_dense_layers": (None, 0), "moe_layer_start_index": (None, 0)}  # fmt: skip
+                     "num_dense_layers": (None, 0), "moe_layer_start_index": (None, 0), "moe_layer_interval": (None, 1),
+                     "moe_layer_end_index": (None,)}  # fmt: skip
 
 # Depths traced for a stack of identical blocks: the first and the last block are built differently (FSDP keeps the
 # last one gathered after its forward), so both depths hold at least one block between them.
@@ -105,12 +110,17 @@ TRACED_DEPTHS = (3, 4)
 
 def identical_blocks(config) -> bool:
     """Whether every decoder block of a model with this config is built alike: no per-block setting (``layer_types``
-    and any other list with a value per block) varies, and no key of :data:`_MIXED_BLOCK_KEYS` mixes kinds of
-    blocks."""
+    and any other list with a value per block) varies, no list of block indices (Bamba's ``attn_layer_indices``)
+    singles some out, and no key of :data:`_MIXED_BLOCK_KEYS` mixes kinds of blocks."""
     config = config.get_text_config()
-    per_block = [v for v in vars(config).values() if isinstance(v, list | tuple) and len(v) == config.num_hidden_layers]
-    if any(len({repr(item) for item in values}) > 1 for values in per_block):
-        return False
+    depth = config.num_hidden_layers
+    for name, value in vars(config).items():
+        if not isinstance(value, list | tuple) or not value:
+            continue
+        if len(value) == depth and len({repr(item) for item in value}) > 1:
+            return False
+        if len(value) != depth and "layer" in name and all(isinstance(item, int) for item in value):
+            return False
     return all(getattr(config, key, None) in alike for key, alike in _MIXED_BLOCK_KEYS.items())
 
 
@@ -129,26 +139,39 @@ def step_memory(
     ``ranks_per_node`` share a node (the mesh of hybrid sharding); and how it was found.
 
     A stack of identical blocks (:func:`identical_blocks`) is traced at two small depths (:data:`TRACED_DEPTHS`) and
-    every byte count extended linearly to the full depth (each block adds the same parameters, gradients, optimizer
-    state and saved activations; what is in flight at the peak is the same): exact for such stacks, and seconds
-    instead of a minute at 70B. Any other model is traced whole.
+    every byte count of the forward passes' peak and of the backward passes' peak extended linearly to the full
+    depth (each block adds the same parameters, gradients, optimizer state and saved activations; what is in flight
+    at each is the same), the higher of the two being the step's peak: exact for such stacks, and seconds instead of
+    a minute at 70B. Any other model is traced whole.
     """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     depth = config.get_text_config().num_hidden_layers
-    trace = partial(trace_step_memory, model_dir, train=train, lora=lora, max_seq_len=max_seq_len,
-                    world_size=world_size, ranks_per_node=ranks_per_node, trust_remote_code=trust_remote_code)  # fmt: skip
+    trace_phases = partial(_trace_phases, model_dir, train=train, lora=lora, max_seq_len=max_seq_len,
+                           world_size=world_size, ranks_per_node=ranks_per_node,
+                           trust_remote_code=trust_remote_code)  # fmt: skip
     shallow, deep = TRACED_DEPTHS
     if depth <= deep or not identical_blocks(config) or config.get_text_config() is not config:
-        return trace(), f"all {depth} blocks traced"
-    first, second = dataclasses.astuple(trace(num_layers=shallow)), dataclasses.astuple(trace(num_layers=deep))
-    per_block = [b - a for a, b in zip(first, second, strict=True)]
-    extended = [b + (depth - deep) * step for b, step in zip(second, per_block, strict=True)]
-    return StepMemory(*extended), f"{shallow} and {deep} of {depth} identical blocks traced, extended linearly"
+        return _highest(trace_phases()), f"all {depth} blocks traced"
+    first, second = trace_phases(num_layers=shallow), trace_phases(num_layers=deep)
+    extended = []
+    for low, high in zip(first, second, strict=True):  # each moment (forward, backward) extended by itself
+        low, high = dataclasses.astuple(low), dataclasses.astuple(high)
+        extended.append(StepMemory(*(b + (depth - deep) * (b - a) for a, b in zip(low, high, strict=True))))
+    return _highest(extended), f"{shallow} and {deep} of {depth} identical blocks traced, extended linearly"
 
 
-def trace_step_memory(
+def _highest(phases: tuple[StepMemory, ...]) -> StepMemory:
+    return max(phases, key=lambda memory: memory.peak)
+
+
+def trace_step_memory(model_dir: str | Path, **kwargs) -> StepMemory:
+    """The memory of :func:`step_memory`, traced on the whole model (or its first ``num_layers`` blocks)."""
+    return _highest(_trace_phases(model_dir, **kwargs))
+
+
+def _trace_phases(
     model_dir: str | Path,
     *,
     train: TrainConfig,
@@ -158,18 +181,25 @@ def trace_step_memory(
     ranks_per_node: int,
     trust_remote_code: bool = False,
     num_layers: int | None = None,
-) -> StepMemory:
-    """The memory of :func:`step_memory`, traced on the whole model (or its first ``num_layers`` blocks).
+) -> tuple[StepMemory, StepMemory]:
+    """The memory at the peak of the forward passes and at the peak of the backward passes of a traced step.
 
-    Attention is traced as flash attention computes it (sdpa's flash kernel: the output and its log-sum-exp saved per
-    row, no mask); blocks are traced eager (compiled ones fuse some element-wise steps and may save less).
+    Attention is traced as the GPU computes it: flash attention, flex attention and sdpa as sdpa's flash kernel (the
+    output and its log-sum-exp saved per row, no mask), eager (``train.attention: eager``, or a model without sdpa)
+    as eager, with its scores. Liger's loss is traced as the chunked loss (both keep one chunk of logits). Blocks are
+    traced eager (compiled ones fuse some element-wise steps and may save less).
     """
+    from vectorlm.hub.meta_model import causal_lm_class
+    from vectorlm.train.attention import supported_attention
+
     device = torch.device("cpu")
-    settings = dataclasses.replace(train, compile=False)
+    settings = dataclasses.replace(train, compile=False, loss="chunked" if train.loss == "liger" else train.loss)
+    supported = supported_attention(causal_lm_class(model_dir, trust_remote_code=trust_remote_code))
+    attention = "eager" if train.attention == "eager" or "sdpa" not in supported else "sdpa"
     env = DistributedEnv(0, world_size, 0, ranks_per_node, device)
     overrides = {} if num_layers is None else _depth_overrides(model_dir, num_layers, trust_remote_code)
     with fake_world(world_size):
-        empty = build_empty_model(model_dir, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+        empty = build_empty_model(model_dir, attn_implementation=attention, trust_remote_code=trust_remote_code,
                                   **overrides)  # fmt: skip
         model, _ = shard_for_training(empty, build_mesh(env, train.sharding), train=settings, lora=lora, device=device)
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -192,29 +222,35 @@ def trace_step_memory(
             with tracker:
                 accumulate_gradients(model, [batch] * (2 if deferred else 1), loss_scale=1.0, cfg=settings,
                                      after_micro_step=tracker.reset_mod_stats)  # fmt: skip
-            peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    kinds = _FSDPRefType
-    traced_gradients = peak.get(kinds.SHARDED_GRAD, 0)
+    common = {
+        "optimizer": adamw_state_bytes(trainable),
+        "gradient_shards": _local_bytes(p.grad for p in trainable),
+        # gradient shards there before the trace (accumulation) are held at every moment
+        "held_gradients": _local_bytes(p.grad for p in trainable) if accumulating and not deferred else 0,
+    }
     forward_end = tracker.forward_end or {}
+    return tuple(_parts(tracker.phase_peaks.get(phase, {}), forward_end, **common) for phase in ("forward", "backward"))
+
+
+def _parts(snapshot: dict, forward_end: dict, *, optimizer: int, gradient_shards: int, held_gradients: int):
+    """The :class:`StepMemory` of a tracker's ``snapshot`` (a moment of the step); ``forward_end`` is the snapshot
+    where the backward pass started."""
+    kinds = _FSDPRefType
     left_for_backward = forward_end.get(kinds.ACT, 0) + forward_end.get(kinds.INP, 0)
-    # tensors of the forward pass alive at the peak beyond those it leaves for the backward pass are short-lived
-    # ones (the loss's logits, in the forward pass when the loss computes its gradients there)
-    activations = min(peak.get(kinds.ACT, 0) + peak.get(kinds.INP, 0), left_for_backward)
-    transient = peak.get(kinds.ACT, 0) + peak.get(kinds.INP, 0) - activations
+    forward_made = snapshot.get(kinds.ACT, 0) + snapshot.get(kinds.INP, 0)
+    # tensors of the forward pass alive beyond those it leaves for the backward pass are short-lived ones (the
+    # loss's logits, in the forward pass when the loss computes its gradients there)
+    activations = min(forward_made, left_for_backward)
     return StepMemory(
-        parameters=peak.get(kinds.SHARDED_PARAM, 0) + peak.get(kinds.BUFFER, 0),
-        # gradients the tracker saw created, or those that were there before the trace (accumulation), whichever
-        # is more: at the peak a step that starts without them may hold only some
-        gradients=max(
-            traced_gradients, _local_bytes(p.grad for p in trainable) if accumulating and not deferred else 0
-        ),
-        optimizer=adamw_state_bytes(trainable),
-        gathered=peak.get(kinds.UNSHARDED_PARAM, 0) + peak.get(kinds.ALL_GATHER, 0),
-        reducing=peak.get(kinds.UNSHARDED_GRAD, 0) + peak.get(kinds.REDUCE_SCATTER, 0),
+        parameters=snapshot.get(kinds.SHARDED_PARAM, 0) + snapshot.get(kinds.BUFFER, 0),
+        gradients=max(snapshot.get(kinds.SHARDED_GRAD, 0), held_gradients),
+        optimizer=optimizer,
+        gathered=snapshot.get(kinds.UNSHARDED_PARAM, 0) + snapshot.get(kinds.ALL_GATHER, 0),
+        reducing=snapshot.get(kinds.UNSHARDED_GRAD, 0) + snapshot.get(kinds.REDUCE_SCATTER, 0),
         activations=activations,
-        temporaries=peak.get(kinds.TEMP, 0) + transient,
+        temporaries=snapshot.get(kinds.TEMP, 0) + forward_made - activations,
         forward_activations=left_for_backward,
-        gradient_shards=_local_bytes(p.grad for p in trainable),
+        gradient_shards=gradient_shards,
     )
 
 

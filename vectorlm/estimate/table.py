@@ -41,7 +41,7 @@ def format_estimate(result: dict[str, Any]) -> list[str]:
             f"{settings['max_seq_len']} tokens, checkpointing {settings['activation_checkpointing']}, "
             f"{'LoRA' if settings['lora'] else 'full fine-tuning'}, {settings['sharding']} sharding")  # fmt: skip
     lines = [head, "", "| per GPU | memory |", "|---|--:|"]
-    lines += [f"| {label} | {_gib(memory[key])} |" for key, label in MEMORY_ROWS]
+    lines += [f"| {label} | {_gib(memory.get(key))} |" for key, label in MEMORY_ROWS]
     verdict = {None: "no GPU memory to compare with", True: "fits", False: "does NOT fit"}[memory["fits"]]
     lines.append(f"| **peak** | **{_gib(memory['peak'])}** of {_gib(memory['gpu_memory'])} ({verdict}) |")
     per_gpu = result["tokens_per_second_per_gpu"]
@@ -50,7 +50,7 @@ def format_estimate(result: dict[str, Any]) -> list[str]:
     steps = result["steps"] if result["steps"] is not None else "n/a"
     lines += [
         "",
-        f"Activations when the backward pass starts: {_gib(memory['forward_activations'])} ({memory['traced']}).",
+        f"Activations when the backward pass starts: {_gib(memory.get('forward_activations'))} ({memory['traced']}).",
         (
             f"Training FLOPs per token: {result['flops_per_token']:.3g}; {result['tokens_per_step']:,.0f} tokens per step, "
             f"{steps} steps (from the {result['data']})."
@@ -78,7 +78,7 @@ def does_not_fit(result: dict[str, Any]) -> str:
     first = (
         f"estimate: the training run needs {_gib(result['memory']['peak'])} per GPU, more than the "
         f"{_gib(result['memory']['gpu_memory'])} of a {result['target']['gpu'] or 'GPU'} (estimate.gpu_memory); "
-        "nothing was queued. What would make it fit (each change alone):"
+        "train was not queued. What would make it fit (each change alone):"
     )
     last = "To queue it anyway (the estimate may be wrong for your setup: docs/estimate.md), set estimate.check: warn."
     return "\n".join([first, *format_estimate(result), last])

@@ -6,7 +6,8 @@ names the config key (or resource) and what would work.
 - the experiment trackers of ``train.report_to`` are installed;
 - the evaluate section's tasks and chat template (vectorlm/pipeline/evaluate_tasks.py);
 - an explicit ``train.attention`` is one the model supports;
-- the train rule's resources can work (:func:`check_resources`).
+- the train rule's resources can work (:func:`check_resources`);
+- and, once rule estimate has run, that training fits the GPUs (:func:`check_fit`).
 
 Each stage repeats the checks that concern it, so the library is just as safe without Snakemake.
 """
@@ -66,7 +67,10 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
 
 
 def is_config_only(model_dir: str | Path) -> bool:
-    """Whether ``model_dir`` holds a config.json and no other file (a model described, not a model)."""
+    """Whether ``model_dir`` is a directory that holds a config.json and no other file (a model described, not a
+    model)."""
+    if not Path(model_dir).is_dir():
+        return False
     files = [path.name for path in Path(model_dir).iterdir() if not path.name.startswith(".")]
     return files == ["config.json"]
 
@@ -170,3 +174,14 @@ def check_resources(resources: Mapping[str, Any], *, config: Config) -> Placemen
     """The train rule's resources (as set by the rule, a profile or --set-resources: Snakemake's raw values), checked
     for sense before any job is submitted (vectorlm/train/placement.py)."""
     return check_train_resources(resources, train=config.train, threads=resources["_cores"])
+
+
+def check_fit(estimate: str | Path, *, check: str) -> None:
+    """Stops the workflow before train is queued when rule estimate's ``estimate`` (estimate.json) says the run will
+    not fit its GPUs and ``check`` (estimate.check) is error: a ConfigError with the breakdown, the largest
+    micro-batch that fits, the levers and the key that makes it a warning."""
+    from vectorlm.estimate.table import does_not_fit
+
+    result = json.loads(Path(estimate).read_text())
+    if check == "error" and (result.get("memory") or {}).get("fits") is False:
+        raise ConfigError(does_not_fit(result))
