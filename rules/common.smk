@@ -183,8 +183,8 @@ def get_evaluate_targets():
 
 
 def get_train_inputs(wildcards):
-    """The train job's inputs, once rule estimate has found that the run fits the GPUs: one that does not (with
-    estimate.check: error) stops the workflow here, before train is queued."""
+    """The train job's inputs, once the estimate has found that the run fits the GPUs; one that does not (with
+    estimate.check set to error) stops the workflow here, before train is queued."""
     check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
     return {"packed": rules.link_data.output.packed, "model": model_input()}
 

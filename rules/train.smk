@@ -11,9 +11,9 @@ checkpoint estimate:
         estimate=str(RUN.estimate),
     log:
         str(RUN.log("estimate")),
-    localrule: True
     # scheduled first among the jobs ready at the start (tokenize may still start beside it)
     priority: 100
+    localrule: True
     threads: 1
     params:
         train=estimate_settings("train", to_plain(CFG.train)),

@@ -123,15 +123,16 @@ def edited(path: Path, change) -> bytes:
 CHANGES = [
     ("vectorlm/data/pack.py", lambda text: text + "\nREPEAT_WARNING = int(REPEAT_WARNING)\n", EVERYTHING - {"tokenize"}),
     ("vectorlm/data/chat.py", lambda text: text + "\n# a behaviour change would go here\n", EVERYTHING),
-    ("vectorlm/packed.py", lambda text: text + "\n", EVERYTHING - {"tokenize"}),  # what pack and train agree on
-    ("vectorlm/train/step.py", lambda text: text + "\n", FROM_TRAIN),
+    ("vectorlm/packed.py", lambda text: text + "\n", EVERYTHING - {"tokenize"} | {"estimate"}),  # pack's and train's
+    ("vectorlm/train/step.py", lambda text: text + "\n", FROM_TRAIN | {"estimate"}),  # which the estimate traces
     ("vectorlm/train/trainer.py", lambda text: text + "\n", FROM_TRAIN),  # started by name: its import counts
     ("vectorlm/export/consolidate.py", lambda text: text + "\n", {"consolidate", "convert_hf", "report", "all"}),
     ("vectorlm/pipeline/cache_keys.py", lambda text: text + "\n", set()),  # the workflow's own code: no stage's
     ("workflow_scripts/pack.py", lambda text: text + "\n", EVERYTHING - {"tokenize"}),
     ("data/corpus.jsonl", lambda text: text + json.dumps({"text": "One more story."}) + "\n", EVERYTHING),
-    ("models/tiny/tokenizer_config.json", lambda text: text.replace("{", '{"model_max_length": 512, ', 1), EVERYTHING),
-    ("models/tiny/config.json", lambda text: text.replace("{", '{"note": "edited", ', 1), EVERYTHING),
+    ("models/tiny/tokenizer_config.json", lambda text: text.replace("{", '{"model_max_length": 512, ', 1),
+     EVERYTHING | {"estimate"}),
+    ("models/tiny/config.json", lambda text: text.replace("{", '{"note": "edited", ', 1), EVERYTHING | {"estimate"}),
 ]  # fmt: skip
 
 
@@ -232,7 +233,7 @@ def test_a_mixture_is_tokenized_per_source_and_weighted_in_pack(repo, corpus_row
 
     sources[2]["weight"] = 0.2
     (repo / "mixed.yaml").write_text(yaml.safe_dump(mixed))
-    assert planned(repo, "--configfile=mixed.yaml") == EVERYTHING - {"tokenize"}
+    assert planned(repo, "--configfile=mixed.yaml") == EVERYTHING - {"tokenize"} | {"estimate"}  # it ran to link_data
 
 
 def test_experiments_with_the_same_data_settings_share_tokenization(repo):
@@ -252,9 +253,9 @@ def test_experiments_with_the_same_data_settings_share_tokenization(repo):
 
     first = snakemake(repo, experiment("first"), "link_data")
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
-    assert planned(repo, experiment("second")) == FROM_TRAIN | {"link_data"}
-    assert planned(repo, experiment("body", text_field="body")) == EVERYTHING
-    assert planned(repo, experiment("other-tokenizer")) == EVERYTHING
+    assert planned(repo, experiment("second")) == FROM_TRAIN | {"link_data", "estimate"}
+    assert planned(repo, experiment("body", text_field="body")) == EVERYTHING | {"estimate"}
+    assert planned(repo, experiment("other-tokenizer")) == EVERYTHING | {"estimate"}
     second = repo / "results" / "second"
     assert snakemake(repo, experiment("second"), "link_data").returncode == 0
     assert (second / "packed" / "stats.json").resolve() == (

@@ -186,9 +186,18 @@ def test_the_estimate_ran_before_training_and_its_table_is_in_the_report(finishe
 
 
 def test_another_gpu_redoes_the_estimate_and_reruns_no_training(finished_run):
-    workdir, _ = finished_run
+    """A real run, not a dry run: Snakemake's plan lists the jobs after a checkpoint that reruns as provisional (it
+    evaluates train's inputs again once the estimate is done), and training must not run."""
+    workdir, config = finished_run
+    out = workdir / "results" / "tiny-test"
+    train_log, model_time = (out / "logs" / "train.log").read_text(), (out / "hf_model" / "config.json").stat().st_mtime
     edited = write_config(workdir, {**TINY, "estimate": {"gpu": "H100", "gpu_memory": "40GB"}}, "gpu.yaml")
-    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"estimate"}
+    result = snakemake(workdir, f"--configfile={edited}", "all")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads((out / "estimate" / "estimate.json").read_text())["memory"]["fits"] is True
+    assert (out / "logs" / "train.log").read_text() == train_log
+    assert (out / "hf_model" / "config.json").stat().st_mtime == model_time
+    assert snakemake(workdir, f"--configfile={config}", "all").returncode == 0  # back, for the plans tested after
 
 
 def test_a_run_that_will_not_fit_stops_before_training_with_the_levers(finished_run):
@@ -208,7 +217,9 @@ def test_a_run_that_will_not_fit_stops_before_training_with_the_levers(finished_
     assert "train was not queued" in output and "set estimate.check: warn" in output
     assert (out / "logs" / "train.log").read_text() == train_log  # training never started
     assert (out / "hf_model" / "config.json").is_file()
-    assert planned_jobs(snakemake(workdir, f"--configfile={config}", "-n")) == {"estimate"}
+    back = snakemake(workdir, f"--configfile={config}", "all")  # the experiment as it was: the estimate, no training
+    assert back.returncode == 0, back.stdout + back.stderr[-3000:]
+    assert (out / "logs" / "train.log").read_text() == train_log
 
 
 def test_changing_the_smoke_test_reruns_only_convert_hf(finished_run):

@@ -46,6 +46,20 @@ class _LiveStorages(TorchDispatchMode):
         return sum(storage.nbytes() for ptr, storage in alive.items() if ptr not in excluded and storage.nbytes())
 
 
+class _PeakLive(_LiveStorages):
+    """The most bytes the storages created while it is active hold at once, looked at after every operation (FSDP
+    frees gathered parameters by resizing their storage to nothing, which a count of allocations would miss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.peak = max(self.peak, self.alive_bytes(set()))
+        return out
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -59,7 +73,7 @@ def _measure(env, model_dir: str, train: dict, lora: dict, out: str) -> None:
     """One real step on this rank: its parameter shards, the activations alive at the end of the forward pass, its
     gradient shards after the backward pass, its AdamW state after the optimizer step."""
     from vectorlm.train.model import build_model
-    from vectorlm.train.step import build_optimizer, loss_sum, train_step
+    from vectorlm.train.step import accumulate_gradients, build_optimizer, loss_sum, train_step
 
     cfg, settings = TrainConfig(**train), LoraSettings(**lora)
     model, _ = build_model(model_dir, env, train=cfg, lora=settings, attention="sdpa")
@@ -81,9 +95,15 @@ def _measure(env, model_dir: str, train: dict, lora: dict, out: str) -> None:
     train_step(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), [batch],
                loss_scale=1.0, cfg=cfg)  # fmt: skip
     states = [t for state in optimizer.state.values() for t in state.values()]
+    # a step after the first: the parameter shards and AdamW's state are there, gradients are not (zero_grad)
+    peak = _PeakLive()
+    with peak:
+        accumulate_gradients(model, [batch], loss_scale=1.0, cfg=cfg)
+    resident = parameters + _bytes(states)
     if env.rank == 0:
         Path(out).write_text(json.dumps({"parameters": parameters, "activations": activations,
-                                         "gradients": gradients, "optimizer": _bytes(states)}))  # fmt: skip
+                                         "gradients": gradients, "optimizer": _bytes(states),
+                                         "peak": resident + peak.peak}))  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -97,7 +117,8 @@ def test_the_estimate_matches_what_a_real_two_rank_step_allocates(case, tiny_mod
     estimate, _ = step_memory(tiny_model_dir, train=TrainConfig(**train), lora=LoraSettings(**lora),
                               max_seq_len=SEQ, world_size=2, ranks_per_node=2)  # fmt: skip
     estimated = {"parameters": estimate.parameters, "activations": estimate.forward_activations,
-                 "gradients": estimate.gradient_shards, "optimizer": estimate.optimizer}  # fmt: skip
+                 "gradients": estimate.gradient_shards, "optimizer": estimate.optimizer,
+                 "peak": estimate.peak}  # fmt: skip
     print(f"{case}: " + ", ".join(f"{kind} {estimated[kind]:,} / {value:,}" for kind, value in real.items()))
     for kind, value in real.items():
         assert value > 0, kind
