@@ -22,6 +22,7 @@ from vectorlm.pipeline.preflight import (
     check_experiment,
     check_fit,
     check_resources,
+    trains_anew,
 )
 from vectorlm.pipeline.summary import interrupted_line, summary_lines
 from vectorlm.run_dir import CacheDir, RunDir
@@ -183,9 +184,10 @@ def get_evaluate_targets():
 
 
 def get_train_inputs(wildcards):
-    """The train job's inputs, once the estimate has found that the run fits the GPUs; one that does not (with
-    estimate.check set to error) stops the workflow here, before train is queued."""
-    check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
+    """The train job's inputs; a training that will run anew waits for the estimate, and one that will not fit the
+    GPUs (with estimate.check set to error) stops the workflow here, before train is queued."""
+    if trains_anew(RUN, train=to_plain(CFG.train), lora=to_plain(CFG.lora)):
+        check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
     return {"packed": rules.link_data.output.packed, "model": model_input()}
 
 

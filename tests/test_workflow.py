@@ -186,12 +186,13 @@ def test_the_estimate_ran_before_training_and_its_table_is_in_the_report(finishe
 
 
 def test_another_gpu_redoes_the_estimate_and_reruns_no_training(finished_run):
-    """A real run, not a dry run: Snakemake's plan lists the jobs after a checkpoint that reruns as provisional (it
-    evaluates train's inputs again once the estimate is done), and training must not run."""
+    """The plan and the real run: a finished training does not wait for the estimate, so redoing it reruns only the
+    report that shows it."""
     workdir, config = finished_run
     out = workdir / "results" / "tiny-test"
     train_log, model_time = (out / "logs" / "train.log").read_text(), (out / "hf_model" / "config.json").stat().st_mtime
     edited = write_config(workdir, {**TINY, "estimate": {"gpu": "H100", "gpu_memory": "40GB"}}, "gpu.yaml")
+    assert planned_jobs(snakemake(workdir, f"--configfile={edited}", "-n")) == {"estimate", "report", "all"}
     result = snakemake(workdir, f"--configfile={edited}", "all")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert json.loads((out / "estimate" / "estimate.json").read_text())["memory"]["fits"] is True

@@ -22,10 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vectorlm.config import Config, ConfigError
+from vectorlm.config_schema import without_operational
 from vectorlm.data.sources import check_source
 from vectorlm.hub.model_dir import check_max_seq_len, check_model_dir, read_model_config
 from vectorlm.pipeline.evaluate_tasks import check_chat_template, check_tasks
+from vectorlm.run_dir import RunDir
 from vectorlm.train.placement import Placement, check_train_resources
 
 
@@ -174,6 +178,20 @@ def check_resources(resources: Mapping[str, Any], *, config: Config) -> Placemen
     """The train rule's resources (as set by the rule, a profile or --set-resources: Snakemake's raw values), checked
     for sense before any job is submitted (vectorlm/train/placement.py)."""
     return check_train_resources(resources, train=config.train, threads=resources["_cores"])
+
+
+def trains_anew(run: RunDir, *, train: dict[str, Any], lora: dict[str, Any]) -> bool:
+    """Whether the experiment in ``run`` will train with these ``train`` and ``lora`` settings (its config's) for the
+    first time: it has not finished a training, or the one it ran (``train/job.yaml``) had other settings (the
+    operational ones aside, which change no training). Only such a training waits for the fit check: gating a
+    finished one would make Snakemake plan what follows it again whenever the estimate is redone."""
+    if not run.summary.is_file() or not run.job.is_file():
+        return True
+    ran = yaml.safe_load(run.job.read_text()) or {}
+    return (
+        without_operational("train", ran.get("train", {})) != without_operational("train", train)
+        or ran.get("lora") != lora
+    )
 
 
 def check_fit(estimate: str | Path, *, check: str) -> None:
