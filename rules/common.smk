@@ -185,7 +185,8 @@ def get_evaluate_targets():
 
 def get_train_inputs(wildcards):
     """The train job's inputs; a training that will run anew waits for the estimate, and one that will not fit the
-    GPUs (with estimate.check set to error) stops the workflow here, before train is queued."""
+    GPUs (with estimate.check set to error) stops the workflow here, before train is queued.
+    """
     if trains_anew(RUN, train=to_plain(CFG.train), lora=to_plain(CFG.lora)):
         check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
     return {"packed": rules.link_data.output.packed, "model": model_input()}
