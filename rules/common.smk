@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vectorlm.config import Config, to_plain
 from vectorlm.config_schema import estimate_settings, rerun_stage, without_operational
+from vectorlm.packed import STATS_FILE
 from vectorlm.pipeline.cache_keys import (
     DataEntries,
     base_chat_template,
@@ -197,7 +198,7 @@ def get_train_resources(wildcards):
     resources = workflow.get_rule("train").resources
     return {
         name: resources[name].raw
-        for name in ("tasks", "nodes", "gres", "gpu")
+        for name in ("tasks", "nodes", "gres", "gpu", "tasks_per_gpu")
         if name in resources
     }
 

@@ -22,7 +22,7 @@ checkpoint estimate:
         estimate=to_plain(CFG.estimate),
         max_seq_len=CFG.max_seq_len,
         resources=get_train_resources,
-        packed_stats=str(RUN.packed / "stats.json"),
+        packed_stats=str(RUN.packed / STATS_FILE),
         trust_remote_code=CFG.trust_remote_code,
         fingerprint=fingerprint("estimate.py", model=["files"]),
     script:

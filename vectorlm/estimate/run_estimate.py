@@ -17,11 +17,11 @@ from typing import Any
 
 from vectorlm.config import ConfigError, ExportConfig, LoraSettings, TrainConfig, parse_size
 from vectorlm.estimate.memory import StepMemory, step_memory
+from vectorlm.estimate.table import GiB
 from vectorlm.train.metrics import PEAK_BF16_FLOPS, gpu_model_of
+from vectorlm.train.placement import check_train_resources
 
 log = logging.getLogger(__name__)
-
-GiB = 2**30
 
 # Memory of each GPU of PEAK_BF16_FLOPS as the driver reports it (nvidia-smi's total, MiB); cards sold with two
 # sizes (A100 40/80 GB, GH200 96/144 GB) are not listed: give estimate.gpu_memory for them.
@@ -106,7 +106,7 @@ def estimate_run(
         log.warning("estimate: the training step could not be traced (%s: %s); no memory estimate, no fit check",
                     type(error).__name__, error)  # fmt: skip
         memory, traced = None, f"not traced: {type(error).__name__}: {error}"
-    peak = memory.peak + allowance(memory.peak) if memory else None
+    peak = _total(memory) if memory else None
     fits = None if target.memory is None or peak is None else peak <= target.memory
     result: dict[str, Any] = {
         "target": dataclasses.asdict(target) | {"num_nodes": target.world_size // target.ranks_per_node},
@@ -282,13 +282,15 @@ def estimate_stage(
     packed_stats: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Rule estimate: the estimate of the run on the train rule's ``resources`` (tasks, nodes, gres) with the
+    """Rule estimate: the estimate of the run on the train rule's ``resources`` (tasks, nodes, gres: the placement
+    training checks, vectorlm.train.placement) with the
     ``estimate`` section's ``settings``, logged as a table (a warning when it exceeds the GPU's memory: the workflow
     then stops before train, vectorlm.pipeline.preflight.check_fit) and written to ``output``."""
     from vectorlm.estimate.table import does_not_fit, format_estimate
 
-    ranks, nodes = int(resources.get("tasks") or 1), int(resources.get("nodes") or 1)
-    target = target_of(settings, world_size=ranks, ranks_per_node=ranks // nodes, gres=resources.get("gres"))
+    placement = check_train_resources(resources, train=train, threads=1)
+    target = target_of(settings, world_size=placement.ranks, ranks_per_node=placement.ranks_per_node,
+                       gres=resources.get("gres"))  # fmt: skip
     stats_path = Path(packed_stats) if packed_stats else None
     stats = json.loads(stats_path.read_text()) if stats_path and stats_path.is_file() else None
     result = estimate_run(model_dir, train=train, lora=lora, export=export, max_seq_len=max_seq_len, target=target,
