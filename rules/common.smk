@@ -14,6 +14,7 @@ from vectorlm.pipeline.cache_keys import (
     DataEntries,
     base_chat_template,
     base_evaluation_key,
+    reference_logprobs_key,
 )
 from vectorlm.pipeline.evaluate_tasks import local_task_files
 from vectorlm.file_digests import FileDigests, model_digests
@@ -70,10 +71,37 @@ fingerprint = StageFingerprints(SCRIPTS, digests=DIGESTS, model=MODEL_DIGESTS)
 # The data's cache entries: a tokenize job per source of data.train, one pack job (vectorlm/pipeline/cache_keys.py).
 DATA = DataEntries(CFG, fingerprint=fingerprint)
 
+# Preference tuning against a reference model (train.objective dpo, not simpo): its log-probabilities of the packed
+# pairs are one cache entry (rule reference_logprobs), shared by the experiments with the same reference and data.
+USES_REFERENCE = CFG.train.objective == "dpo" and CFG.dpo.uses_reference
+REFERENCE_MODEL = CFG.dpo.reference_model or CFG.model
+REFERENCE_DIGESTS = (
+    MODEL_DIGESTS
+    if REFERENCE_MODEL == CFG.model
+    else model_digests(DIGESTS, REFERENCE_MODEL) if USES_REFERENCE else None
+)
+REFERENCE_KEY = (
+    reference_logprobs_key(
+        pack_key=DATA.pack_key,
+        reference_digests=REFERENCE_DIGESTS,
+        mixed_precision=CFG.train.mixed_precision,
+        digests=fingerprint("reference_logprobs.py"),
+    )
+    if USES_REFERENCE
+    else None
+)
+
 
 def model_input():
     """The base model as an input: ancient (content is fingerprinted) unless rule build_example makes it."""
     return CFG.model if CFG.model == EXAMPLE_MODEL else ancient(CFG.model)
+
+
+def reference_model_input():
+    """The reference model as an input (dpo.reference_model, else the experiment's model)."""
+    if REFERENCE_MODEL == EXAMPLE_MODEL:
+        return EXAMPLE_MODEL
+    return ancient(REFERENCE_MODEL)
 
 
 def get_source_files(wildcards):
@@ -113,6 +141,24 @@ def get_convert_params():
 
 def get_lora_params():
     return to_plain(CFG.lora)
+
+
+def get_dpo_params():
+    """The dpo settings of preference tuning that train reads (the reference model reaches it as an input)."""
+    if CFG.train.objective != "dpo":
+        return None
+    return {k: v for k, v in to_plain(CFG.dpo).items() if k != "reference_model"}
+
+
+def get_reference_resources():
+    """Rule reference_logprobs runs on the train rule's resources (as the rule, a profile or --set-resources set
+    them): the reference's forward is sharded like the policy's training."""
+    resources = workflow.get_rule("train").resources
+    return {
+        name: resource.raw
+        for name, resource in resources.items()
+        if not name.startswith("_") and name != "tmpdir"
+    }
 
 
 def settings_of(section, stage):
@@ -184,13 +230,21 @@ def get_evaluate_targets():
     return [rules.evaluate.output.results] if CFG.evaluate is not None else []
 
 
+def get_reference_targets():
+    """Rule reference_logprobs's output, which `all` asks for when DPO compares with a reference model."""
+    return [rules.reference_logprobs.output.logprobs] if USES_REFERENCE else []
+
+
 def get_train_inputs(wildcards):
     """The train job's inputs; a training that will run anew waits for the estimate, and one that will not fit the
     GPUs (with estimate.check set to error) stops the workflow here, before train is queued.
     """
     if trains_anew(RUN, train=to_plain(CFG.train), lora=to_plain(CFG.lora)):
         check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
-    return {"packed": rules.link_data.output.packed, "model": model_input()}
+    inputs = {"packed": rules.link_data.output.packed, "model": model_input()}
+    if USES_REFERENCE:
+        inputs["reference"] = rules.reference_logprobs.output.logprobs
+    return inputs
 
 
 def get_train_resources(wildcards):

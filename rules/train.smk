@@ -48,6 +48,7 @@ rule train:
     params:
         train=get_train_params(),
         lora=get_lora_params(),
+        dpo=get_dpo_params(),
         trust_remote_code=CFG.trust_remote_code,
         fingerprint=fingerprint("train.py", model=["files", "weights"]),
     script:
@@ -57,3 +58,29 @@ rule train:
 # Resources that cannot work (e.g. ranks not divisible by nodes, hybrid sharding on one node) fail here, before any
 # job is submitted.
 check_train_resources(rules.train.rule)
+
+
+if USES_REFERENCE:
+
+    rule reference_logprobs:
+        """The reference model's summed log-probability of each completion of the packed preference pairs, by a forward
+        pass sharded with FSDP2 on the train rule's resources; into the cache, at a key made of the reference model
+        and the packed data, so that every DPO experiment on them shares it (docs/dpo.md).
+        """
+        input:
+            packed=rules.pack.output.packed,
+            model=reference_model_input(),
+        output:
+            logprobs=directory(str(CACHE.reference_logprobs(REFERENCE_KEY))),
+        log:
+            str(CACHE.log("reference_logprobs", REFERENCE_KEY)),
+        threads: 2
+        resources:
+            **get_reference_resources(),
+        params:
+            mixed_precision=CFG.train.mixed_precision,
+            reference_digest=REFERENCE_KEY,
+            trust_remote_code=CFG.trust_remote_code,
+            fingerprint=fingerprint("reference_logprobs.py"),
+        script:
+            "../workflow_scripts/reference_logprobs.py"

@@ -28,8 +28,18 @@ SOURCE_FIELDS = (
     "messages_field",
     "chat_template",
     "separator",
+    "chosen_field",
+    "rejected_field",
 )
-INSTRUCTION_FIELDS = ("prompt_field", "response_field", "messages_field", "chat_template", "separator")
+INSTRUCTION_FIELDS = (
+    "prompt_field",
+    "response_field",
+    "messages_field",
+    "chat_template",
+    "separator",
+    "chosen_field",
+    "rejected_field",
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class DataConfig:
     messages_field: str | None
     chat_template: str | None
     separator: str | None
+    chosen_field: str | None
+    rejected_field: str | None
     packing: bool
     chunk_overlap: int
     split_seed: int
@@ -65,15 +77,20 @@ class DataConfig:
         check_section("data", to_plain(self))
         if not isinstance(self.train, str):
             self.sources  # noqa: B018 (checks every source's settings now)
-        if (self.prompt_field is None) != (self.response_field is None):
+        if (self.chosen_field is None) != (self.rejected_field is None):
+            raise ConfigError("data.chosen_field and data.rejected_field go together: set both or neither")
+        preference = self.chosen_field is not None
+        if not preference and (self.prompt_field is None) != (self.response_field is None):
             raise ConfigError("data.prompt_field and data.response_field go together: set both or neither")
         chosen = [key for key, value in (("data.messages_field", self.messages_field),
-                                         ("data.prompt_field/response_field", self.prompt_field),
+                                         ("data.prompt_field/response_field", self.response_field),
+                                         ("data.chosen_field/rejected_field", self.chosen_field),
                                          ("data.separator", self.separator)) if value is not None]  # fmt: skip
         if len(chosen) > 1:
             raise ConfigError(f"choose one kind of instruction data; got {' and '.join(chosen)}")
-        if self.chat_template is not None and self.messages_field is None:
-            raise ConfigError("data.chat_template renders chat rows: it needs data.messages_field")
+        if self.chat_template is not None and self.messages_field is None and not preference:
+            raise ConfigError("data.chat_template renders chat rows: it needs data.messages_field or preference "
+                              "rows (data.chosen_field)")  # fmt: skip
 
     @property
     def sources(self) -> list[DataSource]:
@@ -97,11 +114,11 @@ class DataConfig:
             except ConfigError as error:
                 raise ConfigError(f"data.train[{index}] ({path}): {error}") from None
             sources.append(DataSource(name, float(entry.get("weight", 1)), data))
-        kinds = {"text" if source.data.mode == "text" else "instruction" for source in sources}
+        kinds = {source.data.kind for source in sources}
         if len(kinds) > 1:
             described = ", ".join(f"{source.name} ({source.data.mode})" for source in sources)
             raise ConfigError(f"data.train: the sources of a mixture must all be text or all instruction or chat data "
-                              f"(a loss on every token or on some); got {described}")  # fmt: skip
+                              f"(a loss on every token or on some), or all preference pairs; got {described}")  # fmt: skip
         return sources
 
     @property
@@ -115,7 +132,9 @@ class DataConfig:
 
     @property
     def mode(self) -> str:
-        """text, prompt_response, messages or separator: what the rows hold and where the loss goes."""
+        """text, prompt_response, messages, separator or preference: what the rows hold and where the loss goes."""
+        if self.chosen_field is not None:
+            return "preference"
         if self.messages_field is not None:
             return "messages"
         if self.prompt_field is not None:
@@ -123,8 +142,16 @@ class DataConfig:
         return "separator" if self.separator is not None else "text"
 
     @property
+    def kind(self) -> str:
+        """text (a loss on every token), instruction (on some) or preference (pairs of completions)."""
+        return {"text": "text", "preference": "preference"}.get(self.mode, "instruction")
+
+    @property
     def fields(self) -> dict[str, str]:
         """The columns the rows must have, each with the config key that names it."""
+        if self.mode == "preference":
+            sides = {self.chosen_field: "data.chosen_field", self.rejected_field: "data.rejected_field"}
+            return sides if self.prompt_field is None else {self.prompt_field: "data.prompt_field", **sides}
         if self.mode == "messages":
             return {self.messages_field: "data.messages_field"}
         if self.mode == "prompt_response":
@@ -171,6 +198,7 @@ class TrainConfig:
     keep_checkpoints: int
     log_every: int
     report_to: tuple[str, ...]
+    objective: str
     defer_gradient_sync: bool
     max_nonfinite_steps: int
     async_checkpoint: bool
@@ -216,6 +244,22 @@ class LoraSettings:
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         check_section("lora", to_plain(self))
+
+
+@schema_section("dpo")
+class DpoSettings:
+    beta: float
+    loss: str
+    simpo_gamma: float
+    reference_model: str | None
+
+    def __post_init__(self) -> None:
+        check_section("dpo", to_plain(self))
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with a reference model's log-probabilities (SimPO does not)."""
+        return self.loss != "simpo"
 
 
 @schema_section("export")
@@ -279,6 +323,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     evaluate: EvaluateConfig | None = None  # the evaluate stage runs only when the config has the section
     trust_remote_code: bool = section_properties(None)["trust_remote_code"]["default"]
@@ -296,6 +341,11 @@ class Config:
             if "{" in path or "}" in path:
                 raise ConfigError(f"config key {key}: {path!r} contains {{ or }}, which Snakemake reads as a wildcard; "
                                   "choose a path without braces")  # fmt: skip
+        preference = {source.data.kind == "preference" for source in self.data.sources} == {True}
+        if preference != (self.train.objective == "dpo"):
+            raise ConfigError("train.objective dpo trains on preference pairs, and preference pairs "
+                              f"(data.chosen_field, data.rejected_field) train only with it; got train.objective "
+                              f"{self.train.objective} with {'' if preference else 'no '}preference data")  # fmt: skip
         if self.data.chunk_overlap >= self.max_seq_len // 2:
             raise ConfigError(f"data.chunk_overlap ({self.data.chunk_overlap}) must be below half of max_seq_len "
                               f"({self.max_seq_len})")  # fmt: skip
@@ -314,6 +364,7 @@ class Config:
             train=TrainConfig(**resolved["train"]),
             export=ExportConfig(**resolved["export"]),
             lora=LoraSettings(**resolved["lora"]),
+            dpo=DpoSettings(**resolved["dpo"]),
             estimate=EstimateConfig(**resolved["estimate"]),
             evaluate=EvaluateConfig(**resolved["evaluate"]) if resolved.get("evaluate") is not None else None,
         )

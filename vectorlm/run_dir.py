@@ -139,8 +139,12 @@ class CacheDir:
     def packed(self, key: str) -> Path:
         return self.root / "packed" / key
 
+    def reference_logprobs(self, key: str) -> Path:
+        """A reference model's log-probabilities of the completions of packed preference pairs."""
+        return self.root / "reference_logprobs" / key
+
     def log(self, stage: str, key: str) -> Path:
-        """The log of the ``stage`` job (tokenize or pack) that made the entry ``key``."""
+        """The log of the ``stage`` job (tokenize, pack, reference_logprobs) that made the entry ``key``."""
         return self.root / "logs" / f"{stage}-{key}.log"
 
     def evaluation(self, key: str) -> Evaluation:

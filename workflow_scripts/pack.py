@@ -20,4 +20,5 @@ with logged_stage("pack", sm.log[0]):
         weights=[source.weight for source in sources] if mixture else None,
         seed=data.split_seed,
         data=sm.params.data,
+        pairs=data.mode == "preference",
     )

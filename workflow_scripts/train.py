@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from vectorlm.config import LoraSettings, TrainConfig
+from vectorlm.config import DpoSettings, LoraSettings, TrainConfig
 from vectorlm.config_schema import operational
 from vectorlm.log import logged_stage
 from vectorlm.train.job import TrainJob, check_job
@@ -15,7 +15,8 @@ sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logged_stage("train", sm.log[0]):
     job = TrainJob(model=sm.input.model, packed=sm.input.packed, output_dir=sm.config["output_dir"],
                    train=TrainConfig(**sm.params.train, **operational(sm.config, "train")),
-                   lora=LoraSettings(**sm.params.lora), trust_remote_code=sm.params.trust_remote_code)  # fmt: skip
+                   lora=LoraSettings(**sm.params.lora), trust_remote_code=sm.params.trust_remote_code,
+                   dpo=DpoSettings(**(sm.params.dpo or {})), reference=sm.input.get("reference"))  # fmt: skip
     placement = check_train_resources(dict(sm.resources.items()), train=job.train, threads=sm.threads)
     check_job(job, ranks=placement.ranks)
     try:

@@ -1,11 +1,15 @@
-"""Regenerate the example data shipped beside this file: ``corpus.jsonl`` (text), ``chat.jsonl`` (chat) and the
-evaluation task's ``eval/tiny_stories_cloze.jsonl``.
+"""Regenerate the example data shipped beside this file: ``corpus.jsonl`` (text), ``chat.jsonl`` (chat),
+``preferences.jsonl`` (preference pairs) and the evaluation task's ``eval/tiny_stories_cloze.jsonl``.
 
 The corpus is small, synthetic and license-free: short stories written from templates, with enough regularity that a
 tiny randomly initialised model visibly learns it in a few hundred steps on a laptop CPU, and enough variety in
 document length to exercise packing. ``chat.jsonl`` asks for the same kind of stories in conversations, for
 ``config/chat.yaml`` (loss on the assistant's replies only). Run ``python examples/tiny/make_corpus.py`` to rebuild
 them deterministically.
+
+``preferences.jsonl`` holds preference pairs for ``config/dpo.yaml``: a story's opening as the prompt, and two
+endings told alike but for what the hero does, kind in the chosen one and unkind in the rejected one, which a tiny
+model learns to tell apart.
 
 ``eval/tiny_stories_cloze.jsonl`` is the data of the local lm-evaluation-harness task beside it (rule ``evaluate``): new
 stories, none of them in the corpus, each cut before its last sentence, with four endings to choose from. Only the
@@ -67,6 +71,26 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
     return turns
 
 
+KIND = ["shared {thing} with {friend}", "helped {friend} find the way home", "gave {friend} a warm hug",
+        "said thank you to {friend}", "made {friend} a cup of tea"]  # fmt: skip
+UNKIND = ["took {thing} from {friend}", "laughed at {friend} and ran off", "broke {thing} on purpose",
+          "shouted at {friend}", "left {friend} alone in the rain"]  # fmt: skip
+
+
+def preference_pair(rng: random.Random) -> dict[str, str]:
+    """A story's opening, and two endings that differ only in whether the hero is kind or unkind to the friend."""
+    hero, friend = rng.sample(NAMES, 2)
+    animal, thing = rng.choice(ANIMALS), rng.choice(OBJECTS)
+    prompt = (f"Once upon a time, there was a {rng.choice(ADJECTIVES)} {animal} named {hero}. One day, {hero} met "
+              f"{friend} near {rng.choice(PLACES)}. Then {hero}")  # fmt: skip
+    ending = f". In the end, {hero} went home."
+    return {
+        "prompt": prompt,
+        "chosen": " " + rng.choice(KIND).format(thing=thing, friend=friend) + ending,
+        "rejected": " " + rng.choice(UNKIND).format(thing=thing, friend=friend) + ending,
+    }
+
+
 def cloze_item(rng: random.Random) -> dict:
     """A story without its last sentence, the true ending and three with another name: the friend's when the story
     names one, else names the story does not use."""
@@ -79,7 +103,8 @@ def cloze_item(rng: random.Random) -> dict:
     return {"context": context, "choices": choices, "label": choices.index(f"In the end, {hero} {rest}")}
 
 
-def main(num_docs: int = 1500, num_chats: int = 600, num_cloze: int = 200, seed: int = 0) -> None:
+def main(num_docs: int = 1500, num_chats: int = 600, num_cloze: int = 200, num_pairs: int = 600,
+         seed: int = 0) -> None:  # fmt: skip
     rng = random.Random(seed)
     with Path(__file__).with_name("corpus.jsonl").open("w") as f:
         for _ in range(num_docs):
@@ -87,6 +112,10 @@ def main(num_docs: int = 1500, num_chats: int = 600, num_cloze: int = 200, seed:
     with Path(__file__).with_name("chat.jsonl").open("w") as f:
         for _ in range(num_chats):
             f.write(json.dumps({"messages": conversation(rng)}) + "\n")
+    pairs = random.Random(seed + 2)  # a stream of its own, like the task's below
+    with Path(__file__).with_name("preferences.jsonl").open("w") as f:
+        for _ in range(num_pairs):
+            f.write(json.dumps(preference_pair(pairs)) + "\n")
     corpus = set(Path(__file__).with_name("corpus.jsonl").read_text().splitlines())
     rng = random.Random(seed + 1)  # its own stream: regenerating the task leaves the corpora as they are
     with Path(__file__).with_name("eval").joinpath("tiny_stories_cloze.jsonl").open("w") as f:

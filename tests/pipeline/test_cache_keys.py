@@ -67,6 +67,8 @@ def test_a_source_keeps_its_entry_wherever_it_stands_in_a_mixture_and_weights_on
         "messages_field",
         "chat_template",
         "separator",
+        "chosen_field",
+        "rejected_field",
         "split_seed",
     }  # fmt: skip: the data keys whose x-reruns is tokenize
 
@@ -114,4 +116,4 @@ def test_the_keys_of_the_embedded_example_do_not_change_unnoticed():
     user tokenize anew: make it on purpose, and change these values with it. (These are also what rules/common.smk
     composed before vectorlm/pipeline/ existed, for the same digests.)"""
     made = entries()
-    assert (made.keys, made.pack_key) == ({"web": "23982747a98e8953"}, "ae050f6407b7b086")
+    assert (made.keys, made.pack_key) == ({"web": "abdc2bb447c4c8e5"}, "786e28d16f17ccb2")

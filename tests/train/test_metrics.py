@@ -268,7 +268,7 @@ def test_meter_reports_the_longest_run_of_skipped_steps_between_logged_steps(pro
         for skipped in window:
             output = StepOutput(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(float(skipped)), lr=0.1)
             meter.add(output, tokens=10, sum_squared_lengths=50)
-        record = meter.read(output, loss_tokens=4)
+        record = meter.read(output, 4)
         runs.append((meter.longest_skip_run, record["skipped_steps"]))
     # A run of 3 that ended before the log still counts; a run crossing a log continues into the next window.
     assert runs == [(3, 3), (2, 5), (3, 6), (0, 6)]

@@ -94,7 +94,8 @@ class BatchShape:
     width: int
 
 
-def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShape | None = None) -> dict[str, Any]:
+def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShape | None = None,
+            pairs: bool = False) -> dict[str, Any]:  # fmt: skip
     """Stacks packed rows into a batch the model can take with ``attention_mask=None``.
 
     Padded form (sdpa, eager, flex): rows padded to ``shape`` (else to the longest row) with label -100 and positions
@@ -106,7 +107,8 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShap
 
     Counted here, on the CPU, so that training needs no device-to-host copy for them: ``num_tokens`` (real tokens),
     ``num_loss_tokens`` (next-token targets that count in the loss), ``sum_squared_lengths`` (over documents, what
-    attention costs) and ``document_lengths``; padding counts in none of them.
+    attention costs) and ``document_lengths``; padding counts in none of them. With ``pairs`` (rows of preference
+    pairs), also :func:`pair_columns`'.
     """
     columns = COLUMNS
     lengths = [document_lengths(np.asarray(r["position_ids"])) for r in rows]
@@ -133,6 +135,8 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShap
             lengths = np.concatenate([lengths, [shape.width] * whole, [rest] if rest else []]).astype(np.int64)
         boundaries = {"cu_seq_lens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
                       "max_length": int(lengths.max()) if shape is None else shape.width}  # fmt: skip
+        if pairs:
+            counts.update(pair_columns(rows, counts["document_lengths"], batch["labels"].shape))
         return {**batch, **counts, **boundaries}
     num_rows, width = (len(rows), longest) if shape is None else (shape.rows, shape.width)
     batch: dict[str, Any] = {
@@ -145,12 +149,61 @@ def collate(rows: list[dict[str, list[int]]], *, flatten: bool, shape: BatchShap
         for c in columns:
             batch[c][i, :n] = torch.as_tensor(row[c])
         batch["position_ids"][i, n:] -= n
+    if pairs:
+        counts.update(pair_columns(rows, counts["document_lengths"], (num_rows, width)))
     return {**batch, **counts}
 
 
-def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool,
-          shape: BatchShape | None = None) -> dict[str, Any]:  # fmt: skip
-    """The collated batch of rows ``indices`` of a packed dataset (:func:`collate`)."""
+def pair_columns(rows: list[dict[str, Any]], lengths: np.ndarray, shape: tuple[int, int]) -> dict[str, Any]:
+    """For rows of preference pairs (each row's documents: chosen, rejected, chosen, ...), laid out in ``shape``
+    (padded rows, or one flattened row): ``sequence_ids``, the document of each position's next-token target (the
+    number of documents where there is none), ``sequence_lengths``, the loss tokens of each document, ``pair_mask``
+    (1 per pair), ``num_pairs`` and ``row_sequences``, the documents of each row."""
+    num_sequences = len(lengths)
+    assert num_sequences % 2 == 0, "rows of preference pairs hold an even number of documents"
+    ids = np.full(shape, num_sequences, dtype=np.int64)
+    sequence, flat_start, per_row = 0, 0, []
+    for index, row in enumerate(rows):
+        row_lengths = document_lengths(np.asarray(row["position_ids"]))
+        per_row.append(len(row_lengths))
+        owner = np.repeat(np.arange(sequence, sequence + len(row_lengths)), row_lengths)
+        if shape[0] == 1:  # flattened: the rows one after the other
+            ids[0, flat_start : flat_start + len(owner)] = owner
+            flat_start += len(owner)
+        else:
+            ids[index, : len(owner)] = owner
+        sequence += len(row_lengths)
+    labels = np.concatenate([np.asarray(row["labels"]) for row in rows])
+    owners = np.repeat(np.arange(num_sequences), lengths)
+    targets = np.pad(ids[:, 1:], ((0, 0), (0, 1)), constant_values=num_sequences).reshape(-1)
+    return {
+        "sequence_ids": torch.from_numpy(targets),
+        "sequence_lengths": torch.from_numpy(np.bincount(owners[labels != IGNORE_INDEX], minlength=num_sequences)),
+        "pair_mask": torch.ones(num_sequences // 2),
+        "num_pairs": num_sequences // 2,
+        "row_sequences": per_row,  # the documents of each row
+    }
+
+
+def count_nothing(batch: dict[str, Any]) -> None:
+    """Makes ``batch`` one that counts for nothing (a rank's padding in an evaluation): no loss token, no pair."""
+    batch["labels"].fill_(IGNORE_INDEX)
+    batch["num_loss_tokens"] = 0
+    if "pair_mask" in batch:
+        batch["pair_mask"].zero_()
+        batch["num_pairs"] = 0
+
+
+def fetch(dataset: datasets.Dataset, indices: np.ndarray, *, flatten: bool, shape: BatchShape | None = None,
+          pairs: bool = False, reference: datasets.Dataset | None = None) -> dict[str, Any]:  # fmt: skip
+    """The collated batch of rows ``indices`` of a packed dataset (:func:`collate`); with ``reference`` (the
+    reference model's log-probabilities of the same rows, vectorlm/train/reference_logprobs.py), rows of preference
+    pairs with ``reference_logps``, one per document."""
     columns = dataset.with_format("numpy")[indices.tolist()]
     rows = [{c: columns[c][i] for c in columns} for i in range(len(indices))]
-    return collate(rows, flatten=flatten, shape=shape)
+    batch = collate(rows, flatten=flatten, shape=shape, pairs=pairs or reference is not None)
+    if reference is not None:
+        logps = reference.with_format("numpy")[indices.tolist()]["logps"]
+        batch["reference_logps"] = torch.from_numpy(np.concatenate(list(logps)).astype(np.float64))
+        assert len(batch["reference_logps"]) == len(batch["sequence_lengths"]), "reference rows do not match"
+    return batch

@@ -158,16 +158,19 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
 
 
 def instruction_losses(
-    tokenized: datasets.Dataset, max_seq_len: int, batch_size: int = 65536
+    tokenized: datasets.Dataset, max_seq_len: int | np.ndarray, batch_size: int = 65536
 ) -> tuple[np.ndarray, np.ndarray]:
     """For instruction documents, in one pass over their loss masks: whether any loss token survives truncation to
-    ``max_seq_len``, and how many loss tokens each holds before anything is cut (a document's first token never
-    carries loss)."""
+    ``max_seq_len`` (or each document's own length in an array), and how many loss tokens each holds before anything
+    is cut (a document's first token never carries loss)."""
     trainable, totals = [], []
+    first = 0
     for batch in tokenized.with_format("arrow").select_columns(["loss_mask"]).iter(batch_size=batch_size):
         masks = batch["loss_mask"].combine_chunks()
         lengths = masks.value_lengths().to_numpy()
-        kept = np.minimum(lengths, max_seq_len)
+        limit = max_seq_len if np.isscalar(max_seq_len) else max_seq_len[first : first + len(lengths)]
+        first += len(lengths)
+        kept = np.minimum(lengths, limit)
         flags = masks.flatten().to_numpy()
         positions = ranges(np.zeros(len(lengths), np.int64), lengths)
         starts = np.cumsum(lengths) - lengths
@@ -246,6 +249,75 @@ def pack_dataset(
     return packed, stats
 
 
+def pair_lengths(chosen: np.ndarray, rejected: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lengths a pair's two documents are truncated to so that both fit one row: unchanged when they fit, else
+    each gets half the row, and the rest of a side shorter than half goes to the other."""
+    half = max_seq_len // 2
+    fits = chosen + rejected <= max_seq_len
+    kept_chosen = np.where(fits, chosen, np.minimum(chosen, np.maximum(half, max_seq_len - rejected)))
+    kept_rejected = np.where(fits, rejected, np.minimum(rejected, max_seq_len - kept_chosen))
+    return kept_chosen, kept_rejected
+
+
+def pack_pairs(
+    tokenized: datasets.Dataset,
+    *,
+    max_seq_len: int,
+    path: Path,
+    digest,
+    packing: bool = True,
+    groups: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    seed: int = 0,
+    names: list[str] | None = None,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Packed rows of preference pairs (documents ``2p`` and ``2p + 1`` of ``tokenized``: chosen, rejected), like
+    :func:`pack_dataset` with a pair as the unit: its two documents always share a row, one right after the other,
+    so that a pair's loss never needs another micro-batch or rank. A pair longer than a row is truncated
+    (:func:`pair_lengths`); one whose side keeps no loss token is dropped. With ``weights``, pairs are sampled."""
+    lengths = list_lengths(tokenized)
+    assert len(lengths) % 2 == 0, "preference documents come in pairs"
+    groups = np.zeros(len(lengths), dtype=np.int64) if groups is None else groups
+    chosen, rejected = pair_lengths(lengths[0::2], lengths[1::2], max_seq_len)
+    kept = np.stack([chosen, rejected], axis=1).ravel()
+    trainable, targets = instruction_losses(tokenized, kept)
+    usable_pairs = trainable[0::2] & trainable[1::2]
+    pair_tokens = np.where(usable_pairs, chosen + rejected, 0)
+    sample = np.flatnonzero(usable_pairs)
+    if weights is not None:
+        sample = mixture(pair_tokens, groups[0::2], weights, seed=seed, names=names)
+    if packing:
+        pair_row, num_rows = best_fit_decreasing(pair_tokens[sample], max_seq_len)
+    else:
+        pair_row, num_rows = np.arange(len(sample)), len(sample)
+    doc = np.stack([2 * sample, 2 * sample + 1], axis=1).ravel()
+    row = np.repeat(pair_row, 2)
+    order = np.argsort(row, kind="stable")  # a pair's documents stay next to each other, chosen first
+    plan = PackingPlan(doc[order], np.zeros(len(doc), np.int64), kept[doc][order], np.zeros(len(doc), np.int64),
+                       row[order], num_rows, int((~usable_pairs).sum()))  # fmt: skip
+    writer = ColumnsWriter(path, list(COLUMNS))
+    group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
+    packed = writer.finish()
+    loss_tokens, num_tokens, slots = int(group_loss_tokens.sum()), int(plan.length.sum()), num_rows * max_seq_len
+    before = int(targets[doc].sum())
+    stats = {
+        "pairs": len(sample),
+        "documents": len(doc),
+        "pairs_truncated": int((lengths[0::2] + lengths[1::2] > max_seq_len)[sample].sum()),
+        "pairs_dropped_no_loss_after_truncation": int((~usable_pairs).sum()),
+        "tokens": num_tokens,
+        "loss_tokens": loss_tokens,
+        "rows": num_rows,
+        "fill_fraction": round(num_tokens / slots, 4) if slots else 0.0,
+        "loss_token_fraction": round(loss_tokens / slots, 4) if slots else 0.0,
+        "loss_tokens_before_packing": before,
+        "loss_tokens_lost_fraction": round(1 - loss_tokens / before, 4) if before else 0.0,
+    }
+    if weights is not None:
+        stats["sources"] = _source_stats(plan, kept, groups, doc, group_loss_tokens, weights)
+    return packed, stats
+
+
 def planned_tokens(usable: np.ndarray, max_seq_len: int, *, overlap: int, truncate: bool) -> np.ndarray:
     """The tokens each document will make in packed rows: its chunks' (which repeat ``overlap`` tokens) or its
     truncation's, without the chunks too short to train on."""
@@ -313,10 +385,11 @@ def lost_loss_warning(split_stats: dict[str, Any], *, split: str, max_seq_len: i
     lost = split_stats.get("loss_tokens_lost_fraction", 0.0)
     if lost <= LOST_LOSS_WARNING:
         return None
+    unit = "pairs" if "pairs" in split_stats else "documents"
     return (
         f"packing the {split} split at max_seq_len {max_seq_len} lost {lost:.0%} of its loss tokens "
-        f"({split_stats['documents_truncated']:,} documents truncated, "
-        f"{split_stats['documents_dropped_no_loss_after_truncation']:,} dropped with no loss left): raise max_seq_len "
+        f"({split_stats[f'{unit}_truncated']:,} {unit} truncated, "
+        f"{split_stats[f'{unit}_dropped_no_loss_after_truncation']:,} dropped with no loss left): raise max_seq_len "
         "or shorten the documents"
     )
 
@@ -337,13 +410,15 @@ def run_pack(
     names: Sequence[str] | None = None,
     seed: int = 0,
     data: dict[str, Any] | None = None,
+    pairs: bool = False,
 ) -> dict[str, Any]:
     """Packs every split of the tokenized DatasetDict(s) into ``output_dir``; writes and returns the statistics.
 
     With ``weights`` (one per directory), the directories are the sources of a mixture: their training documents are
     sampled to the weights' shares of the training tokens (see :func:`mixture`, seeded by ``seed``) and
     ``stats.json`` reports each source by its name (``names``, default the directories' names) under ``sources``.
-    Their eval splits are used whole. ``data`` (the experiment's data settings) is recorded beside the rows.
+    Their eval splits are used whole. ``data`` (the experiment's data settings) is recorded beside the rows. With
+    ``pairs`` the documents are preference pairs (:func:`pack_pairs`).
     """  # fmt: skip
     output_dir = Path(output_dir)
     dirs = [tokenized_dir] if isinstance(tokenized_dir, (str, Path)) else list(tokenized_dir)
@@ -353,7 +428,7 @@ def run_pack(
     if len(set(columns.values())) > 1:
         raise DataError(f"the sources of a mixture must all be text or all instruction data; got {columns}")
     mixed = weights is not None
-    splits, stats = {}, {"max_seq_len": max_seq_len, "packing": packing, "chunk_overlap": overlap}
+    splits, stats = {}, {"max_seq_len": max_seq_len, "packing": packing, "chunk_overlap": overlap, "pairs": pairs}
     digest = hashlib.sha256()  # hardware-accelerated: ~2x blake2b here
     with partial_dir(output_dir) as tmp:
         for split in ("train", "eval"):  # a source of a mixture with data.eval has no eval split
@@ -363,11 +438,13 @@ def run_pack(
                 raise DataError(f"no source has a {split} split: {', '.join(map(str, dirs))}")
             dataset = datasets.concatenate_datasets(present) if len(present) > 1 else present[0]
             digest.update(split.encode())
-            splits[split], stats[split] = pack_dataset(
-                dataset, max_seq_len=max_seq_len, path=tmp / split, digest=digest, overlap=overlap, packing=packing,
-                groups=np.repeat(np.arange(len(parts)), sizes), seed=seed, names=names,
-                weights=np.asarray(weights, dtype=np.float64) if mixed and split == "train" else None,
-            )  # fmt: skip
+            common = {"max_seq_len": max_seq_len, "path": tmp / split, "digest": digest, "packing": packing,
+                      "seed": seed, "names": names, "groups": np.repeat(np.arange(len(parts)), sizes),
+                      "weights": np.asarray(weights, dtype=np.float64) if mixed and split == "train" else None}  # fmt: skip
+            if pairs:
+                splits[split], stats[split] = pack_pairs(dataset, **common)
+            else:
+                splits[split], stats[split] = pack_dataset(dataset, overlap=overlap, **common)
             if stats[split]["rows"] == 0:
                 raise DataError(f"the {split} split packs into no rows: {json.dumps(stats[split])}")
             log.info("packed %s: %s", split, json.dumps(stats[split]))

@@ -32,10 +32,13 @@ class Prefetcher:
         flatten: bool,
         pin_memory: bool,
         shape: BatchShape | None = None,
+        pairs: bool = False,
+        reference: datasets.Dataset | None = None,
     ) -> None:
         self.dataset, self.sampler = dataset, sampler
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.flatten, self.pin_memory, self.shape = flatten, pin_memory, shape
+        self.pairs, self.reference = pairs, reference  # rows of preference pairs, their reference log-probabilities
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: tuple[Future, DataPosition] | None = None
 
@@ -46,7 +49,8 @@ class Prefetcher:
         return self._executor.submit(self._prepare, indices), position
 
     def _prepare(self, indices: list[np.ndarray]) -> list[dict[str, Any]]:
-        batches = [fetch(self.dataset, i, flatten=self.flatten, shape=self.shape) for i in indices]
+        batches = [fetch(self.dataset, i, flatten=self.flatten, shape=self.shape, pairs=self.pairs,
+                         reference=self.reference) for i in indices]  # fmt: skip
         if self.pin_memory:
             batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         return batches

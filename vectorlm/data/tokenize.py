@@ -8,7 +8,10 @@ its encoder:
 - prompt_response: BOS + prompt + response + EOS, the loss on the response and EOS only;
 - separator: like text, without loss up to and including the first ``data.separator``;
 - messages: the conversation rendered with the chat template (which supplies its own special tokens), the loss on
-  the assistant turns only.
+  the assistant turns only;
+- preference: two documents per row, the chosen completion's and the rejected one's (in this order, one after the
+  other), each the prompt and the completion, as prompt_response does for strings or messages for conversations,
+  with the loss on the completion (a conversation's last, assistant turn) only.
 
 Rows with nothing to train on (null or empty text, no response, no separator, no assistant turn) are skipped,
 counted per reason in ``stats.json`` and the log; if no training row is left, the stage fails.
@@ -106,8 +109,6 @@ class Encoder:
         texts = sorted(specials.values(), key=len, reverse=True)
         self.special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
         self.as_text = {i: self._text_ids(text) for i, text in specials.items()}
-        if data.mode == "messages" and data.chat_template is None and not tokenizer.chat_template:
-            raise DataError("the tokenizer has no chat template; give one in data.chat_template")
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -145,6 +146,8 @@ class Encoder:
             return self._prompt_response(rows, first_row, source, skipped)
         if mode == "messages":
             return self._messages(rows, first_row, source, skipped)
+        if mode == "preference":
+            return self._preference(rows, first_row, source, skipped)
         kept, texts = self._texts(rows[self.data.text_field], self.data.text_field, first_row, source, skipped)
         if mode == "text":
             return self.ids(texts), None, kept
@@ -189,19 +192,31 @@ class Encoder:
         return documents, masks, kept
 
     def _messages(self, rows, first_row, source, skipped):
-        rendered, kept = [], []
+        conversations = []
         for row, messages in enumerate(rows[self.data.messages_field], start=first_row):
-            where = f"{source}: row {row}"
             if messages is None:
                 skipped[f"{self.data.messages_field} null"] += 1
                 continue
-            messages = check_messages(messages, where=where)
+            conversations.append((row, check_messages(messages, where=f"{source}: row {row}")))
+        documents, masks, kept = self._chats(conversations, source, skipped)
+        return documents, masks, kept
+
+    def _chats(self, conversations, source, skipped, *, last_turn_only: bool = False):
+        """Token ids and loss masks of ``conversations`` ((row, messages) pairs), the loss on the assistant turns (or
+        the last one only); the rows kept. A conversation that cannot be trained on is skipped and counted."""
+        if conversations and self.data.chat_template is None and not self.tokenizer.chat_template:
+            raise DataError(f"{source}: the tokenizer has no chat template; give one in data.chat_template")
+        rendered, kept = [], []
+        for row, messages in conversations:
+            where = f"{source}: row {row}"
             chat = render_with_assistant_spans(self.tokenizer, messages, template=self.data.chat_template, where=where)
-            if chat.untrained_turns:
+            if chat.untrained_turns and not last_turn_only:
                 skipped["note: assistant turns that open a conversation (context, not trained)"] += chat.untrained_turns
             if not chat.assistant_spans:
                 skipped["no assistant turn"] += 1
                 continue
+            if last_turn_only:
+                chat = chat._replace(assistant_spans=chat.assistant_spans[-1:])
             spans = []  # the contents that hold special-token text (rare): they are tokenized as text below
             search = self.special_text.search if self.special_text else lambda _: None
             flagged = [index for index, message in enumerate(messages) if search(message["content"])]
@@ -221,6 +236,48 @@ class Encoder:
             documents.append(ids)
         return documents, masks, kept
 
+    def _preference(self, rows, first_row, source, skipped):
+        """Two documents per kept row, the chosen completion's then the rejected one's (pack keeps them together), each
+        with the loss on its completion only; ``kept`` names the row of each document."""
+        data = self.data
+        texts, chats = [], []  # (row, prompt, chosen, rejected) of plain-text rows; (row, side, messages) of chat rows
+        prompts = rows[data.prompt_field] if data.prompt_field is not None else [None] * len(rows[data.chosen_field])
+        for row, (prompt, chosen, rejected) in enumerate(
+            zip(prompts, rows[data.chosen_field], rows[data.rejected_field]), start=first_row
+        ):
+            pair = _check_pair(prompt, chosen, rejected, where=f"{source}: row {row}", data=data)
+            if isinstance(pair, str):
+                skipped[pair] += 1
+            elif isinstance(pair[1], str):
+                texts.append((row, *pair))
+            else:
+                chats += [(row, "chosen", pair[1]), (row, "rejected", pair[2])]
+        documents, masks, kept = [], [], []
+        if texts:
+            prompt_ids = self.ids([prompt for _, prompt, _, _ in texts])
+            sides = self.ids([text for _, _, chosen, rejected in texts for text in (chosen, rejected)])
+            for i, (row, *_) in enumerate(texts):
+                context = self.prefix + prompt_ids[i]
+                for completion in sides[2 * i : 2 * i + 2]:
+                    target = completion + self.suffix
+                    documents.append(context + target)
+                    masks.append(np.concatenate([np.zeros(len(context)), np.ones(len(target))]))
+                    kept.append(row)
+        if chats:
+            chat_documents, chat_masks, chat_rows = self._chats([(row, messages) for row, _, messages in chats],
+                                                                source, skipped, last_turn_only=True)  # fmt: skip
+            # A pair whose one side was skipped is dropped whole: a completion is trained only against its pair.
+            whole = {row for row in chat_rows if chat_rows.count(row) == 2}
+            for document, mask, row in zip(chat_documents, chat_masks, chat_rows):
+                if row in whole:
+                    documents.append(document)
+                    masks.append(mask)
+                    kept.append(row)
+            if halves := len(set(chat_rows) - whole):
+                skipped["pair with a side that cannot be trained on"] += halves
+        order = np.argsort(kept, kind="stable")  # the rows in the order they came, each's chosen before its rejected
+        return [documents[i] for i in order], [masks[i] for i in order], [kept[i] for i in order]
+
     def _specials_as_text(self, ids: list[int], starts: np.ndarray, spans: list[tuple[int, int]]):
         """The rendered chat's tokens with every special token that stands inside a message's content replaced by the
         tokens of its text. The template's markup keeps its special tokens; the rest is tokenized as at inference."""
@@ -228,6 +285,41 @@ class Encoder:
         pieces = [[t] if not replace else self.as_text[t] for t, replace in zip(ids, inside.tolist())]
         new_starts = np.repeat(starts, [len(p) for p in pieces])
         return [t for piece in pieces for t in piece], new_starts
+
+
+def _check_pair(prompt, chosen, rejected, *, where: str, data: DataConfig):
+    """A preference row as (prompt, chosen, rejected): strings (prompt "" when there is none), or two conversations
+    (the prompt's turns, when the prompt is a list of messages or a string, put before each side) ending in the
+    assistant's turn and sharing every turn before it. A skip reason for a row that has nothing to train on; a
+    DataError for one that is malformed."""
+    fields = {data.chosen_field: chosen, data.rejected_field: rejected}
+    if any(value is None or value == "" or value == [] for value in fields.values()):
+        return "chosen or rejected null or empty"
+    if all(isinstance(value, str) for value in fields.values()):
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{where}: field {data.prompt_field!r} is {prompt!r:.40}: with string completions, the "
+                            "prompt must be a string")  # fmt: skip
+        return "chosen and rejected identical" if chosen == rejected else (prompt or "", chosen, rejected)
+    if not all(isinstance(value, list) for value in fields.values()):
+        raise DataError(f"{where}: {data.chosen_field!r} and {data.rejected_field!r} must both be strings or both be "
+                        f"lists of messages, got {type(chosen).__name__} and {type(rejected).__name__}")  # fmt: skip
+    if isinstance(prompt, str) and prompt:
+        prompt = [{"role": "user", "content": prompt}]
+    sides = [
+        check_messages((prompt or []) + value, where=f"{where}: field {field!r}") for field, value in fields.items()
+    ]
+    for field, messages in zip(fields, sides):
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field {field!r} must end with the assistant's turn, not the "
+                            f"{messages[-1]['role']}'s")  # fmt: skip
+    if sides[0][:-1] != sides[1][:-1]:
+        raise DataError(f"{where}: {data.chosen_field!r} and {data.rejected_field!r} must share every turn before "
+                        "the last (the prompt), and they differ")  # fmt: skip
+    if any(messages[-1]["content"] == "" for messages in sides):
+        return "chosen or rejected null or empty"
+    if sides[0][-1] == sides[1][-1]:
+        return "chosen and rejected identical"
+    return None, sides[0], sides[1]
 
 
 def eval_rows(num_rows: int, *, fraction: float, seed: int) -> np.ndarray:
@@ -378,6 +470,9 @@ def _describe(counts: Counter) -> str:
 def _finish_stats(stats, seconds, output_dir: Path, *, model_dir, data: DataConfig, trust: bool) -> dict[str, Any]:
     result: dict[str, Any] = {split: dict(counts) for split, counts in stats.items()}
     num_tokens = sum(s.get("tokens", 0) for s in result.values())
+    if data.mode == "preference":
+        for split in ("train", "eval"):
+            result[split]["pairs"] = result[split].get("documents", 0) // 2
     result.update(mode=data.mode, seconds=round(seconds, 3), tokens_per_second=round(num_tokens / max(seconds, 1e-9)))
     (output_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
     write_stage_config(output_dir, {"model": str(model_dir), "trust_remote_code": trust, "data": data})

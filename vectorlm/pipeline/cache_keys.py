@@ -66,6 +66,16 @@ class DataEntries:
         return without_operational("data", to_plain(self.config.data))
 
 
+def reference_logprobs_key(*, pack_key: str, reference_digests: dict[str, str], mixed_precision: bool,
+                           digests: dict[str, str]) -> str:  # fmt: skip
+    """The cache entry of the reference model's log-probabilities of the packed pairs (rule reference_logprobs): the
+    packed data's key, the reference model's files and weights (``reference_digests``), the precision it computes in
+    and the stage's code (``digests``). Nothing of the policy's training is in it: DPO experiments that differ in
+    dpo.beta, the learning rate or LoRA share it."""
+    return settings_digest({"packed": pack_key, "reference": reference_digests, "mixed_precision": mixed_precision,
+                            "digests": digests})  # fmt: skip
+
+
 def base_evaluation_key(
     config: Config,
     *,

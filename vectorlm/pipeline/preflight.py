@@ -61,6 +61,7 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
     if config.data.eval is not None:  # read with the first source's settings, by its tokenize job
         first = config.data.sources[0].data
         check_source(config.data.eval, key="data.eval", fields=first.fields, split=first.split)
+    check_reference_model(config, model_will_be_built=model_will_be_built)
     if model_will_be_built and not Path(config.model).exists():
         return
     if is_config_only(config.model):
@@ -68,6 +69,25 @@ def check_inputs(config: Config, *, model_will_be_built: bool = False) -> None:
     else:
         check_model_dir(config.model)
     check_max_seq_len(config.max_seq_len, config.model)
+
+
+def check_reference_model(config: Config, *, model_will_be_built: bool = False) -> None:
+    """dpo.reference_model, when set and used: a model directory whose vocabulary is the model's, so that the packed
+    token ids (the model's tokenizer's) mean the same to it."""
+    reference = config.dpo.reference_model
+    if reference is None or config.train.objective != "dpo" or not config.dpo.uses_reference:
+        return
+    try:
+        check_model_dir(reference)
+    except ConfigError as error:
+        raise ConfigError(f"dpo.reference_model: {error}") from None
+    if model_will_be_built and not Path(config.model).exists():
+        return
+    sizes = [read_model_config(path).get("text_config", read_model_config(path)).get("vocab_size")
+             for path in (config.model, reference)]  # fmt: skip
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"dpo.reference_model ({reference}) has a vocabulary of {sizes[1]} tokens and the model "
+                          f"({config.model}) of {sizes[0]}: the reference must share the model's tokenizer")  # fmt: skip
 
 
 def is_config_only(model_dir: str | Path) -> bool:

@@ -20,10 +20,12 @@ def summary_lines(
     lines = []
     if run.summary.is_file():
         summary = json.loads(run.summary.read_text())
+        accuracy = summary.get("final_eval_metrics", {}).get("eval_rewards/accuracies")
+        preferred = f", held-out preference accuracy {accuracy:.3f}" if accuracy is not None else ""
         lines.append(
-            f"\nvectorlm: eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} after "
-            f"{summary['step']} steps ({_number(summary['tokens_per_second'])} tokens/s on {summary['world_size']} "
-            f"rank(s)); model: {run.hf_model}\n"
+            f"\nvectorlm: eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}{preferred} "
+            f"after {summary['step']} steps ({_number(summary['tokens_per_second'])} tokens/s on "
+            f"{summary['world_size']} rank(s)); model: {run.hf_model}\n"
         )
     if (results := current_evaluation(run, settings=evaluate_settings, fingerprint=evaluate_fingerprint)) is not None:
         for row in results.get("compared_to_base", []):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from vectorlm.config import Config, ConfigError, LoraSettings, TrainConfig, to_plain
+from vectorlm.config import Config, ConfigError, DpoSettings, LoraSettings, TrainConfig, to_plain
 from vectorlm.hub.meta_model import build_empty_model
 from vectorlm.packed import STATS_FILE
 from vectorlm.run_dir import RunDir
@@ -26,6 +26,8 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = Config.trust_remote_code  # the schema's default
+    dpo: DpoSettings = field(default_factory=DpoSettings)
+    reference: str | None = None  # the reference model's log-probabilities of the packed rows (train.objective dpo)
 
     @property
     def run(self) -> RunDir:
@@ -37,7 +39,8 @@ class TrainJob:
     @classmethod
     def load(cls, path: str | Path) -> TrainJob:
         raw = yaml.safe_load(Path(path).read_text())
-        return cls(**{**raw, "train": TrainConfig(**raw["train"]), "lora": LoraSettings(**raw.get("lora", {}))})
+        return cls(**{**raw, "train": TrainConfig(**raw["train"]), "lora": LoraSettings(**raw.get("lora", {})),
+                      "dpo": DpoSettings(**raw.get("dpo", {}))})  # fmt: skip
 
 
 def check_job(job: TrainJob, *, ranks: int) -> None:

@@ -166,7 +166,14 @@ def _run_ranks(job: TrainJob, placement: Placement, log_path: str | Path) -> tup
     job.save(job_file)
     # By import, not by name: the stage's code digest (vectorlm/pipeline/fingerprint.py) follows imports, and the
     # ranks' code is what reruns training when it changes.
-    command = [sys.executable, "-m", rank_module.__name__, str(job_file)]
+    return run_ranks(rank_module.__name__, job_file, placement=placement, log_path=log_path)
+
+
+def run_ranks(module: str, job_file: Path, *, placement: Placement, log_path: str | Path) -> tuple[int, list[str]]:
+    """Runs ``python -m module job_file`` on every rank (one srun step in a SLURM allocation, else local processes
+    that die with this one); returns their status and the last lines of their output, which go to ``log_path`` and
+    stderr as they come."""
+    command = [sys.executable, "-m", module, str(job_file)]
     env = {**os.environ, "OMP_NUM_THREADS": str(placement.cpus_per_rank)}
     if in_slurm_allocation():
         processes = [(srun_command(command, placement), env)]

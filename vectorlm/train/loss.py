@@ -76,6 +76,13 @@ def plain_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *_, **__) -> torc
                            reduction="sum")  # fmt: skip
 
 
+def plain_token_logps(logits: torch.Tensor, labels: torch.Tensor, *_, **__) -> torch.Tensor:
+    """Each position's log-probability of its next-token target (0 where there is none), flattened, in fp32, from full
+    logits: the per-token form of :func:`plain_loss_sum` (preference training sums it per completion)."""
+    targets = next_token_targets(labels)
+    return -F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def _chunk_logits(hidden, weight, bias, targets, *, scale: float, softcap: float | None):
     """A chunk's logits in fp32 as the model's forward would pass them to its loss (``scale`` times the head's output,
     then ``softcap * tanh(logits / softcap)``), their logsumexp, the rows with a target, and the summed loss."""
@@ -87,7 +94,7 @@ def _chunk_logits(hidden, weight, bias, targets, *, scale: float, softcap: float
     logsumexp = torch.logsumexp(logits, dim=-1)
     kept = targets != IGNORE_INDEX
     picked = logits.gather(1, torch.where(kept, targets, 0)[:, None])[:, 0]
-    return logits, logsumexp, kept, torch.where(kept, logsumexp - picked, 0.0).sum()
+    return logits, logsumexp, kept, torch.where(kept, logsumexp - picked, 0.0).sum(), picked
 
 
 def _chunk_loss(hidden, weight, bias, targets, *, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -98,7 +105,7 @@ def _chunk_loss(hidden, weight, bias, targets, *, scale: float = 1.0, softcap: f
 def _chunk_loss_and_grads(hidden, weight, bias, targets, *, scale: float = 1.0, softcap: float | None = None):
     """A chunk's summed loss, the gradient of that sum with respect to the LM head's output (in the hidden states'
     dtype) and to the hidden states (the second matmul), and with respect to the bias (fp32, or None)."""
-    logits, logsumexp, kept, loss = _chunk_logits(hidden, weight, bias, targets, scale=scale, softcap=softcap)
+    logits, logsumexp, kept, loss, _ = _chunk_logits(hidden, weight, bias, targets, scale=scale, softcap=softcap)
     # d(logsumexp - logits[target]) / d logits = softmax - one_hot(target), on the rows with a target
     grad = (logits - logsumexp[:, None]).exp_().mul_(kept[:, None])
     grad.scatter_add_(1, torch.where(kept, targets, 0)[:, None], -kept[:, None].float())
@@ -180,6 +187,83 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # In place: a second backward through the same graph finds them changed and fails, as autograd should.
         grads = [None if grad is None else grad.mul_(grad_total) for grad in ctx.saved_tensors]
         return *grads, None, None
+
+
+def _chunk_token_logps(hidden, weight, bias, targets, *, scale: float = 1.0, softcap: float | None = None):
+    """A chunk's log-probability of each row's target (0 where there is none): one LM-head matmul."""
+    _, logsumexp, kept, _, picked = _chunk_logits(hidden, weight, bias, targets, scale=scale, softcap=softcap)
+    return torch.where(kept, picked - logsumexp, 0.0)
+
+
+def _chunk_token_grads(hidden, weight, bias, targets, grad_logps, *, scale: float = 1.0, softcap: float | None = None):
+    """The gradients of ``sum(grad_logps * token log-probabilities)`` of a chunk with respect to the LM head's output
+    (in the hidden states' dtype), the hidden states and the bias (fp32, or None), the logits recomputed."""
+    logits, logsumexp, kept, _, _ = _chunk_logits(hidden, weight, bias, targets, scale=scale, softcap=softcap)
+    weights = torch.where(kept, grad_logps, 0.0)[:, None]
+    # d(logits[target] - logsumexp) / d logits = one_hot(target) - softmax
+    grad = (logits - logsumexp[:, None]).exp_().mul_(-weights)
+    grad.scatter_add_(1, torch.where(kept, targets, 0)[:, None], weights)
+    if softcap is not None:
+        grad.mul_(1 - (logits / softcap).square())
+    if scale != 1.0:
+        grad.mul_(scale)
+    grad_bias = None if bias is None else grad.sum(0)
+    grad = grad.to(hidden.dtype)
+    return grad, grad @ weight, grad_bias
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """Each token's log-probability of its target under the (scaled, soft-capped) logits ``hidden @ weight.T + bias``,
+    :data:`LOSS_CHUNK_TOKENS` tokens at a time: one chunk's logits exist at a time, never the full vocabulary's.
+
+    The loss of a preference pair is not a sum over tokens, so its gradient with respect to each token is known only
+    after the forward: the backward recomputes each chunk's logits (four LM-head matmuls per chunk in all, one more
+    than :class:`FusedLinearCrossEntropy`) and sums the weight gradient in fp32, rounded once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_fn, grad_fn):
+        logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        for start, part, part_targets in _chunks(hidden.detach(), targets):
+            logps[start : start + LOSS_CHUNK_TOKENS] = chunk_fn(part, weight, bias, part_targets)[: len(hidden) - start]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.grad_fn = grad_fn
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+        padded = F.pad(grad_logps.float(), (0, -len(grad_logps) % LOSS_CHUNK_TOKENS))
+        for start, part, part_targets in _chunks(hidden.detach(), targets):
+            part_grad = padded[start : start + LOSS_CHUNK_TOKENS]
+            grad_logits, part_grad_hidden, part_grad_bias = ctx.grad_fn(part, weight, bias, part_targets, part_grad)
+            if needs_hidden:
+                grad_hidden[start : start + LOSS_CHUNK_TOKENS] = part_grad_hidden[: len(hidden) - start]
+            if needs_weight:
+                _add_product(grad_weight, grad_logits.t(), part)
+            if needs_bias:
+                grad_bias += part_grad_bias
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_token_logps(logits: torch.Tensor, labels: torch.Tensor, *_, head: HiddenStates,
+                        logps_chunk=_chunk_token_logps, grads_chunk=_chunk_token_grads, **__) -> torch.Tensor:  # fmt: skip
+    """The same as :func:`plain_token_logps` from the final hidden states (passed as ``logits``, or held by
+    ``head``), chunk by chunk (:class:`ChunkedTokenLogProbs`)."""
+    hidden, targets = head.take(logits).flatten(0, 1), next_token_targets(labels)
+    return ChunkedTokenLogProbs.apply(hidden, head.weight, head.bias, targets, logps_chunk, grads_chunk)
 
 
 def chunked_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *_, head: HiddenStates,
@@ -315,17 +399,22 @@ def has_loss(model: nn.Module) -> bool:
     return hasattr(base, "vectorlm_loss")
 
 
-def install_loss(model: nn.Module, kind: str, *, compile: bool = False) -> str:
+def install_loss(model: nn.Module, kind: str, *, compile: bool = False, per_token: bool = False) -> str:
     """Makes ``model(..., labels=labels).loss`` the summed token loss of ``kind`` (plain, chunked, liger); returns the
     kind installed: ``plain`` for a model whose logits the fused losses cannot reproduce, ``chunked`` for liger with a
-    model that scales its logits (Liger has soft-capping but no scale)."""
+    model that scales its logits (Liger has soft-capping but no scale). With ``per_token`` (preference training) it is
+    instead each position's log-probability of its next token (:func:`plain_token_logps`), and liger is chunked."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     if kind != "plain" and (reason := fused_head_supported(base)):
         log.info("train.loss: %s is not available for %s (%s); using the plain loss", kind, type(base).__name__, reason)
         kind = "plain"
+    if per_token and kind == "liger":
+        log.info("train.loss: liger has no per-token log-probabilities (preference training); using chunked")
+        kind = "chunked"
     if kind == "plain":
         base.vectorlm_loss = kind
-        base.loss_function = torch.compile(plain_loss_sum) if compile else plain_loss_sum
+        function = plain_token_logps if per_token else plain_loss_sum
+        base.loss_function = torch.compile(function) if compile else function
         return kind
     transform = logit_transform(base)
     if kind == "liger" and transform.scale != 1.0:
@@ -336,6 +425,13 @@ def install_loss(model: nn.Module, kind: str, *, compile: bool = False) -> str:
     base.set_output_embeddings(head)
     if kind == "liger":
         base.loss_function = partial(liger_loss_sum, head=head, fused=liger_loss(transform.softcap))
+        return kind
+    if per_token:
+        chunk_fns = [_chunk_token_logps, _chunk_token_grads]
+        if compile:
+            chunk_fns = [torch.compile(fn, fullgraph=True, dynamic=False) for fn in chunk_fns]
+        logps_chunk, grads_chunk = (partial(fn, scale=transform.scale, softcap=transform.softcap) for fn in chunk_fns)
+        base.loss_function = partial(chunked_token_logps, head=head, logps_chunk=logps_chunk, grads_chunk=grads_chunk)
         return kind
     chunk_fns = [_chunk_loss_and_grads, _chunk_loss]
     if compile:  # every chunk has one shape: one graph for training and one for evaluation

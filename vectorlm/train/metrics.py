@@ -292,16 +292,20 @@ class StepMeter:
         self._consecutive = (self._consecutive + output.skipped) * output.skipped
         self._longest = torch.maximum(self._longest, self._consecutive)
 
-    def read(self, output, loss_tokens: float) -> dict[str, Any]:
-        """The metrics record of the step ``output`` came from (a collective: call it on every rank)."""
-        loss = output.loss_sum.detach().float().clone()
-        dist.all_reduce(loss)
-        loss, grad_norm, skips, longest = torch.stack(
-            [loss, output.grad_norm.float(), self._skips, self._longest]
+    def read(self, output, count: float, *, metrics: Sequence[str] = ()) -> dict[str, Any]:
+        """The metrics record of the step ``output`` came from (a collective: call it on every rank): the loss per
+        loss token (``count``: of the global batch; or per pair) and the means of the objective's ``metrics``."""
+        sums = output.loss_sum.detach().float().reshape(1)
+        if metrics:
+            sums = torch.cat([sums, output.metric_sums.float()])
+        dist.all_reduce(sums)
+        loss, grad_norm, skips, longest, *metric_sums = torch.cat(
+            [sums[:1], torch.stack([output.grad_norm.float(), self._skips, self._longest]), sums[1:]]
         ).tolist()
         seconds = max(time.perf_counter() - self._begin - self._paused, 1e-9)
         record = {
-            "loss": loss / max(loss_tokens, 1),
+            "loss": loss / max(count, 1),
+            **{name: value / max(count, 1) for name, value in zip(metrics, metric_sums)},
             "lr": output.lr,
             "grad_norm": grad_norm,
             "tokens": int(self._last_tokens),

@@ -5,11 +5,13 @@ safetensors weights (vectorlm/train/base_weights.py), so no rank ever holds a fu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -72,6 +74,23 @@ def computes_bf16_natively(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def computed_settings(cfg: TrainConfig, env: DistributedEnv) -> TrainConfig:
+    """The settings the model is built with: mixed precision computes in fp32 when some rank's CPU has no native bf16
+    (on which bf16 runs about 60x slower); the recorded settings stay the configured ones, so a checkpoint resumes on
+    either kind of machine."""
+    if not cfg.mixed_precision or env.device.type != "cpu":
+        return cfg
+    native = torch.tensor([int(computes_bf16_natively(env.device))])
+    if dist.is_initialized():  # every rank computes in one dtype
+        dist.all_reduce(native, op=dist.ReduceOp.MIN, group=env.cpu_group)
+    if native.item():
+        return cfg
+    if env.is_main:
+        log.warning("train.mixed_precision: this CPU has no native bf16 arithmetic (AVX-512), on which bf16 runs "
+                    "about 60x slower than fp32; computing in fp32")  # fmt: skip
+    return dataclasses.replace(cfg, mixed_precision=False)
+
+
 def store_frozen_in_bf16(model: nn.Module) -> None:
     """Stores the parameters that do not train (LoRA's base) in bf16, which mixed precision computes in anyway: half
     the memory of fp32 (at 70B on 8 GPUs, 17.5 GB of base per GPU instead of 35). Ties between them are kept."""
@@ -131,7 +150,8 @@ def shard_for_training(
         model, adapters = apply_lora(model, lora, seed=train.seed)
         if train.mixed_precision:
             store_frozen_in_bf16(model)
-    loss = install_loss(model, resolve_loss(train.loss, device), compile=train.compile)
+    loss = install_loss(model, resolve_loss(train.loss, device), compile=train.compile,
+                        per_token=train.objective == "dpo")  # fmt: skip
     apply_activation_checkpointing(decoder_layers(model), train.activation_checkpointing)
     if train.compile:
         compile_layers(model)

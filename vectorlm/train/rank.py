@@ -29,7 +29,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from vectorlm.config import ConfigError, to_plain
+from vectorlm.config import ConfigError
 from vectorlm.log import setup_logging
 from vectorlm.run_dir import RunDir
 from vectorlm.train.checkpoint import set_aside
@@ -100,7 +100,7 @@ def _plan_on_main(job: TrainJob, trainer: Trainer, env: DistributedEnv) -> Start
     failure = None
     if env.is_main:
         try:
-            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=to_plain(job.train),
+            decision[0] = plan_start(job.run.checkpoints, fingerprint=trainer.fingerprint, train=trainer.settings,
                                      max_steps=trainer.max_steps)  # fmt: skip
         except Exception as error:  # noqa: BLE001 (every rank raises it, rather than wait for rank 0 until a timeout)
             failure = error
@@ -207,9 +207,18 @@ def finished_summary(run: RunDir, checkpoint: Path, state: TrainState) -> dict[s
         "attention": kind("attention", (str,)),
         "parameters": kind("parameters", (int,)),
         "trainable_parameters": kind("trainable_parameters", (int,)),
+        "final_eval_metrics": final_eval_metrics(records, state.step),
         "skipped_steps": state.skipped_steps,
         "peak_memory_mb": max((s.get("peak_memory_mb") or 0.0 for s in steps), default=None),
     }
+
+
+def final_eval_metrics(records: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """The objective's metrics of the evaluation at ``step`` (``eval_rewards/accuracies`` ...: preference tuning)."""
+    evaluations = [r for r in records if r.get("step") == step and "eval_loss" in r]
+    return (
+        {k: v for k, v in evaluations[-1].items() if k.startswith("eval_") and k != "eval_loss"} if evaluations else {}
+    )
 
 
 def die_with_launcher() -> None:

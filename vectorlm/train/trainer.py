@@ -22,10 +22,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 from transformers import AutoConfig, get_scheduler
 
-from vectorlm.config import ConfigError, TrainConfig, resolved_config, to_plain
+from vectorlm.config import ConfigError, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import BatchShape, DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
@@ -39,10 +38,11 @@ from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
 from vectorlm.train.job import TrainJob
 from vectorlm.train.metrics import StepMeter, peak_flops, peak_memory_mb, training_flops
 from vectorlm.train.metrics_log import MetricsLog, read_metrics
-from vectorlm.train.model import build_model, computes_bf16_natively, count_parameters
+from vectorlm.train.model import build_model, computed_settings, count_parameters
 from vectorlm.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from vectorlm.train.preference import PreferenceObjective
 from vectorlm.train.resume import StartPlan, repeats_exactly, run_fingerprint
-from vectorlm.train.step import build_optimizer, evaluate, to_device, train_step
+from vectorlm.train.step import TokenObjective, build_optimizer, evaluate, to_device, train_step
 from vectorlm.train.tracking import Trackers
 from vectorlm.train.train_state import TrainState
 
@@ -62,6 +62,8 @@ class Trainer:
         self.accumulation = self.cfg.grad_accumulation_steps(env.world_size)
         self.packed = datasets.load_from_disk(job.packed)
         stats = json.loads((Path(job.packed) / STATS_FILE).read_text())
+        self.objective = PreferenceObjective(job.dpo) if self.cfg.objective == "dpo" else TokenObjective()
+        self.reference = load_reference(job, self.packed, stats)
         packing, max_seq_len = stats.get("packing", True), stats.get("max_seq_len")
         lengths = None if packing else list_lengths(self.packed["train"])
         self.packing = packing
@@ -78,8 +80,19 @@ class Trainer:
                                            lora=job.lora) if env.is_main else {}  # fmt: skip
         self.position = DataPosition()  # after the last step trained
         self.eval_losses: dict[int, float] = {}
+        self.final_eval_metrics: dict[str, float] = {}  # the objective's metrics of the last evaluation
         self.throughput: list[float] = []
         self.skipped_steps = 0  # before this run started (from the checkpoint)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The train settings a checkpoint records (vectorlm/train/resume.py compares them), with the dpo section and
+        the reference's digest for preference tuning: another beta or reference is another run."""
+        settings = to_plain(self.cfg)
+        if self.cfg.objective == "dpo":
+            reference = json.loads((Path(self.job.reference) / STATS_FILE).read_text()) if self.reference else {}
+            settings["dpo"] = {**to_plain(self.job.dpo), "reference": reference.get("reference_digest")}
+        return settings
 
     def build(self) -> None:
         """The sharded model (weights read from the base model), optimizer, schedule, data and checkpoint writer."""
@@ -95,7 +108,7 @@ class Trainer:
             raise ConfigError(f"data.packing: {model_class.__name__} with attention {self.attention} would let packed "
                               "documents see each other (its attention masks ignore the positions that mark them, or "
                               "its layers carry a recurrent state from one into the next); set data.packing: false")  # fmt: skip
-        model, mesh = build_model(self.job.model, env, train=self.computed(cfg), lora=self.job.lora,
+        model, mesh = build_model(self.job.model, env, train=computed_settings(cfg, env), lora=self.job.lora,
                                   attention=self.attention, trust_remote_code=self.job.trust_remote_code)  # fmt: skip
         self.num_params, self.num_trainable = count_parameters(model)
         self.model = model.train()
@@ -108,7 +121,8 @@ class Trainer:
         self.meter = StepMeter(world_size=env.world_size, device=env.device, flops=self.flops, peak=self.peak_flops)
         self.prefetcher = Prefetcher(self.packed["train"], self.sampler, rank=env.rank, world_size=env.world_size,
                                      micro_batch_size=cfg.micro_batch_size, flatten=self.flatten, shape=self.shape,
-                                     pin_memory=env.device.type == "cuda")  # fmt: skip
+                                     pin_memory=env.device.type == "cuda", pairs=self.objective.pairs,
+                                     reference=self.reference and self.reference["train"])  # fmt: skip
         self.checkpointer = Checkpointer(
             group=env.checkpoint_group, asynchronous=cfg.async_checkpoint, device=env.device
         )
@@ -121,22 +135,6 @@ class Trainer:
             cfg.global_batch_size, cfg.micro_batch_size, self.accumulation, env.world_size,
             self.sampler.steps_per_epoch,
         )  # fmt: skip
-
-    def computed(self, cfg: TrainConfig) -> TrainConfig:
-        """The settings the model is built with: mixed precision computes in fp32 when some rank's CPU has no native
-        bf16 (on which bf16 runs about 60x slower); the recorded settings stay the configured ones, so a checkpoint
-        resumes on either kind of machine."""
-        if not cfg.mixed_precision or self.env.device.type != "cpu":
-            return cfg
-        native = torch.tensor([int(computes_bf16_natively(self.env.device))])
-        if dist.is_initialized():  # every rank computes in one dtype
-            dist.all_reduce(native, op=dist.ReduceOp.MIN, group=self.env.cpu_group)
-        if native.item():
-            return cfg
-        if self.env.is_main:
-            log.warning("train.mixed_precision: this CPU has no native bf16 arithmetic (AVX-512), on which bf16 runs "
-                        "about 60x slower than fp32; computing in fp32")  # fmt: skip
-        return dataclasses.replace(cfg, mixed_precision=False)
 
     def load(self, plan: StartPlan) -> float:
         """Loads the planned checkpoint's model and optimizer state (and this rank's random number generators, on the
@@ -173,7 +171,7 @@ class Trainer:
     def open_records(self, state: TrainState | None) -> None:
         """The metrics file and, on the main rank, the trackers of ``train.report_to``, continuing the tracked runs
         of the checkpoint's ``state`` (None: a fresh start)."""
-        exact = state is None or repeats_exactly(state, train=to_plain(self.cfg), world_size=self.env.world_size)
+        exact = state is None or repeats_exactly(state, train=self.settings, world_size=self.env.world_size)
         if not exact:
             log.info("the steps after %d are computed differently from the interrupted attempt (other settings or "
                      "ranks): their records are written anew, and trackers start new runs", state.step)  # fmt: skip
@@ -189,29 +187,31 @@ class Trainer:
 
     def evaluate(self, step: int) -> None:
         with self.meter.paused():
-            loss = evaluate(
-                self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten, shape=self.shape
-            )
-        self.eval_losses[step] = loss
-        log.info("step %d | eval_loss %.4f", step, loss)
-        self.metrics.write({"step": step, "eval_loss": loss})
+            result = evaluate(self.model, self.packed["eval"], env=self.env, cfg=self.cfg, flatten=self.flatten,
+                              shape=self.shape, objective=self.objective,
+                              reference=self.reference and self.reference["eval"])  # fmt: skip
+        self.eval_losses[step] = result["eval_loss"]
+        self.final_eval_metrics = {k: v for k, v in result.items() if k != "eval_loss"}
+        log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        self.metrics.write({"step": step, **result})
 
     def step(self, step: int) -> None:
         env = self.env
         batches, self.position = self.prefetcher.next()
         # Counted on the CPU when collating and summed over a CPU group: no wait for the device.
         window_pairs = self.flops.window_pairs(np.concatenate([b["document_lengths"] for b in batches]))
-        tokens, loss_tokens, squared, *window_pairs = all_reduce_sum(
-            sum(b["num_tokens"] for b in batches), sum(b["num_loss_tokens"] for b in batches),
+        tokens, count, squared, *window_pairs = all_reduce_sum(
+            sum(b["num_tokens"] for b in batches), sum(b[self.objective.count] for b in batches),
             sum(b["sum_squared_lengths"] for b in batches), *window_pairs, device=torch.device("cpu"),
             group=env.cpu_group,
         )  # fmt: skip
         micro_batches = [to_device(b, env.device) for b in batches]
-        output = train_step(self.model, self.optimizer, self.scheduler, micro_batches,
-                            loss_scale=env.world_size / max(loss_tokens, 1), cfg=self.cfg)  # fmt: skip
+        output = train_step(self.model, self.optimizer, self.scheduler, micro_batches, objective=self.objective,
+                            loss_scale=env.world_size / max(count, 1), cfg=self.cfg)  # fmt: skip
         self.meter.add(output, tokens=tokens, sum_squared_lengths=squared, window_pairs=window_pairs)
         if step % self.cfg.log_every == 0 or step == self.max_steps:
-            record = {"step": step, **self.meter.read(output, loss_tokens), "epoch": self.position.epoch,
+            record = {"step": step, **self.meter.read(output, count, metrics=self.objective.metrics),
+                      "epoch": self.position.epoch,
                       "peak_memory_mb": peak_memory_mb(env.device)}  # fmt: skip
             record["skipped_steps"] += self.skipped_steps
             self.throughput.append(record["tokens_per_second"])
@@ -227,7 +227,7 @@ class Trainer:
     def save(self, step: int, *, final: bool, wait: bool = False) -> Path:
         state = TrainState(
             step=step, world_size=self.env.world_size, data=dataclasses.replace(self.position),
-            eval_losses=dict(self.eval_losses), final=final, fingerprint=self.fingerprint, train=to_plain(self.cfg),
+            eval_losses=dict(self.eval_losses), final=final, fingerprint=self.fingerprint, train=self.settings,
             skipped_steps=self.total_skipped_steps(), tracking=self.trackers.run_ids if self.trackers else {},
             summary=self.summary(step) if final else None,
         )  # fmt: skip
@@ -262,6 +262,7 @@ class Trainer:
             "step": step,
             "initial_eval_loss": self.eval_losses[0],
             "final_eval_loss": self.eval_losses[step],
+            "final_eval_metrics": self.final_eval_metrics,
             # The first steps include warm-up (allocation, kernel selection); the median is the steady state.
             "tokens_per_second": float(np.median(self.throughput)) if self.throughput else None,
             "world_size": self.env.world_size,
@@ -305,11 +306,28 @@ class Trainer:
                 self.trackers.close(outcome)
 
 
+def load_reference(job: TrainJob, packed: datasets.DatasetDict, stats: dict[str, Any]) -> datasets.DatasetDict | None:
+    """The reference model's log-probabilities of the packed rows (rule reference_logprobs), checked to be of these
+    rows; None when the objective compares with no reference."""
+    if job.train.objective != "dpo" or not job.dpo.uses_reference:
+        return None
+    if job.reference is None:
+        raise ConfigError(f"dpo.loss {job.dpo.loss} needs the reference model's log-probabilities (rule "
+                          "reference_logprobs), and the job names none")  # fmt: skip
+    recorded = json.loads((Path(job.reference) / STATS_FILE).read_text()).get("packed_fingerprint")
+    if recorded != stats.get("fingerprint"):
+        raise ConfigError(f"the reference log-probabilities in {job.reference} were computed for other packed rows "
+                          f"(fingerprint {recorded}) than {job.packed} ({stats.get('fingerprint')}): rerun rule "
+                          "reference_logprobs")  # fmt: skip
+    return datasets.load_from_disk(job.reference)
+
+
 def _format(record: dict[str, Any], max_steps: int, *, eta: str) -> str:
     mfu = f" | mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
     skipped = f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
+    accuracy = f" | accuracy {record['rewards/accuracies']:.3f}" if "rewards/accuracies" in record else ""
     return (
-        f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+        f"step {record['step']}/{max_steps} | loss {record['loss']:.4f}{accuracy} | lr {record['lr']:.3e} | "
         f"grad_norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_second']:,.0f}{mfu}{skipped} | "
         f"eta {eta}"
     )
