@@ -147,7 +147,15 @@ def get_dpo_params():
     """The dpo settings of preference tuning that train reads (the reference model reaches it as an input)."""
     if CFG.train.objective != "dpo":
         return None
-    return {k: v for k, v in to_plain(CFG.dpo).items() if k != "reference_model"}
+    dpo = {k: v for k, v in to_plain(CFG.dpo).items() if k != "reference_model"}
+    if CFG.dpo.loss != "simpo":  # a margin the loss does not use reruns nothing
+        dpo.pop("simpo_gamma")
+    return dpo
+
+
+def get_train_threads():
+    """The train rule's threads (as the rule, a profile or --set-threads set them), for rule reference_logprobs."""
+    return workflow.get_rule("train").resources["_cores"].raw
 
 
 def get_reference_resources():

@@ -74,7 +74,7 @@ if USES_REFERENCE:
             logprobs=directory(str(CACHE.reference_logprobs(REFERENCE_KEY))),
         log:
             str(CACHE.log("reference_logprobs", REFERENCE_KEY)),
-        threads: 2
+        threads: get_train_threads()
         resources:
             **get_reference_resources(),
         params:

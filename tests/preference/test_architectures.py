@@ -15,8 +15,9 @@ from tests.test_architectures import ARCHITECTURES, build, cpu_attention
 from vectorlm.data.loader import fetch
 from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.packed import IGNORE_INDEX
-from vectorlm.train.attention import keeps_documents_apart
+from vectorlm.train.attention import check_pairs_apart, keeps_documents_apart
 from vectorlm.train.loss import install_loss
+from vectorlm.train.model import disable_dropout
 from vectorlm.train.preference import sequence_logps
 from vectorlm.train.step import token_logps
 
@@ -66,3 +67,30 @@ def test_packed_pair_logprobs_and_gradients_equal_each_sequence_alone(name, pair
     (expected * weights).sum().backward()
     for (param_name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * b.grad.abs().max().item(), msg=param_name)
+
+
+def test_a_model_whose_packed_documents_see_each_other_cannot_train_on_pairs():
+    """A pair's sequences share a row whatever data.packing says: gpt-oss (its masks ignore the positions) is refused
+    before any weight is read, naming the objective."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(num_hidden_layers=1)
+    config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="train.objective dpo: GptOssForCausalLM with attention eager would let"):
+        check_pairs_apart(GptOssForCausalLM, config, "eager")
+
+
+def test_dpo_turns_dropout_off_so_the_policy_starts_as_its_reference(tiny_model_dir, tmp_path):
+    """GPT-2's dropout (0.1) and LoRA's would make the policy's log-probabilities noisy against the reference's (which
+    has none): in DPO a forward in training mode computes what evaluation mode does."""
+    from transformers import GPT2Config
+
+    path = tmp_path / "gpt2"
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, vocab_size=300)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    reference = model.eval()(ids).logits
+    disable_dropout(model)
+    torch.testing.assert_close(model.train()(ids).logits, reference, rtol=0, atol=0)

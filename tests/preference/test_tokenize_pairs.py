@@ -52,6 +52,10 @@ def test_conversational_pairs_train_only_the_last_assistant_turn(tmp_path, tiny_
     _, again = tokenize(tmp_path / "explicit", tiny_model_dir, explicit, eval_fraction=0.2, prompt_field="prompt",
                         **data)  # fmt: skip
     assert again["train"]["input_ids"] == tokenized["train"]["input_ids"]
+    # a prompt field beside sides that hold their own prompt turns (UltraFeedback) is not put in a second time
+    both = [{"prompt": "Tell me a story.", **r} for r in rows]
+    _, same = tokenize(tmp_path / "both", tiny_model_dir, both, eval_fraction=0.2, prompt_field="prompt", **data)
+    assert same["train"]["input_ids"] == tokenized["train"]["input_ids"]
 
 
 def test_pairs_with_nothing_to_prefer_are_counted_skips(tmp_path, tiny_model_dir):

@@ -491,3 +491,17 @@ def test_a_load_failure_is_damage_only_with_evidence_of_damaged_content(error, c
     assert unreadable(error) == cannot_read
     assert unreadable(CheckpointException("load failed", {0: (error, None)})) == cannot_read
     assert unreadable(CheckpointException("load failed", {0: (error, None), 1: (PermissionError("x"), None)}))
+
+
+def test_a_setting_added_since_a_checkpoint_reads_as_its_default():
+    """A checkpoint of a version without train.objective was an SFT run: it repeats exactly, not a changed run."""
+    from types import SimpleNamespace
+
+    from vectorlm.config import TrainConfig, to_plain
+    from vectorlm.train.resume import recorded_train, repeats_exactly
+
+    train = to_plain(TrainConfig())
+    older = SimpleNamespace(train={k: v for k, v in train.items() if k != "objective"}, world_size=2)
+    assert recorded_train(older)["objective"] == "sft"
+    assert repeats_exactly(older, train=train, world_size=2)
+    assert not repeats_exactly(older, train={**train, "objective": "dpo"}, world_size=2)

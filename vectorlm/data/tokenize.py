@@ -289,8 +289,9 @@ class Encoder:
 
 def _check_pair(prompt, chosen, rejected, *, where: str, data: DataConfig):
     """A preference row as (prompt, chosen, rejected): strings (prompt "" when there is none), or two conversations
-    (the prompt's turns, when the prompt is a list of messages or a string, put before each side) ending in the
-    assistant's turn and sharing every turn before it. A skip reason for a row that has nothing to train on; a
+    ending in the assistant's turn and sharing every turn before it (the prompt's turns, when the prompt is a list of
+    messages or a string, are put before sides that hold the last turn alone; sides with turns of their own keep
+    them, and the prompt is not repeated). A skip reason for a row that has nothing to train on; a
     DataError for one that is malformed."""
     fields = {data.chosen_field: chosen, data.rejected_field: rejected}
     if any(value is None or value == "" or value == [] for value in fields.values()):
@@ -305,6 +306,8 @@ def _check_pair(prompt, chosen, rejected, *, where: str, data: DataConfig):
                         f"lists of messages, got {type(chosen).__name__} and {type(rejected).__name__}")  # fmt: skip
     if isinstance(prompt, str) and prompt:
         prompt = [{"role": "user", "content": prompt}]
+    if len(chosen) > 1 or len(rejected) > 1:  # the sides carry their prompt turns (UltraFeedback): not again
+        prompt = None
     sides = [
         check_messages((prompt or []) + value, where=f"{where}: field {field!r}") for field, value in fields.items()
     ]

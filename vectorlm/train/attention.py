@@ -163,6 +163,16 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).cumsum(-1)
 
 
+def check_pairs_apart(model_class: type, config: PretrainedConfig, attention: str) -> None:
+    """Preference pairs share a row (their loss needs both): a model whose packed documents would see each other
+    (:func:`keeps_documents_apart`) cannot train on them, even with ``data.packing: false``. Raises a ConfigError."""
+    if not keeps_documents_apart(model_class, config):
+        raise ConfigError(f"train.objective dpo: {model_class.__name__} with attention {attention} would let the two "
+                          "sequences of a preference pair, which share a row, see each other (its attention masks "
+                          "ignore the positions that mark them, or its layers carry a recurrent state from one into the "
+                          "next); preference tuning does not support this model")  # fmt: skip
+
+
 def document_mask_kwargs(config: PretrainedConfig, batch: dict[str, Any]) -> dict[str, Any]:
     """What the forward of a model built with ``config`` needs, besides ``position_ids``, to keep the batch's
     documents apart."""

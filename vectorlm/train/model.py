@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -72,6 +73,24 @@ def computes_bf16_natively(device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turns every dropout of ``model`` off: its ``nn.Dropout`` modules (LoRA's too) and the rates attention layers
+    read from attributes (``attention_dropout``). Preference tuning compares the policy's log-probabilities with the
+    reference's, computed without dropout: with it, they would be noisy and biased against the reference (TRL's
+    ``disable_dropout``, on by default)."""
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p:
+            module.p, turned_off = 0.0, turned_off + 1
+        for name, value in list(vars(module).items()):
+            if re.search(r"dropout|pdrop", name) and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                turned_off += 1
+    if turned_off:
+        log.info("train.objective dpo: %d dropout rates set to 0, as the reference's log-probabilities have none",
+                 turned_off)  # fmt: skip
 
 
 def computed_settings(cfg: TrainConfig, env: DistributedEnv) -> TrainConfig:
@@ -150,6 +169,8 @@ def shard_for_training(
         model, adapters = apply_lora(model, lora, seed=train.seed)
         if train.mixed_precision:
             store_frozen_in_bf16(model)
+    if train.objective == "dpo":
+        disable_dropout(model)
     loss = install_loss(model, resolve_loss(train.loss, device), compile=train.compile,
                         per_token=train.objective == "dpo")  # fmt: skip
     apply_activation_checkpointing(decoder_layers(model), train.activation_checkpointing)

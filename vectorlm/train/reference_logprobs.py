@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -32,14 +34,15 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 import yaml
+from transformers import AutoConfig
 
 from vectorlm.config import LoraSettings, TrainConfig, to_plain, write_stage_config
-from vectorlm.data.arrow import list_array, partial_dir
+from vectorlm.data.arrow import list_array, partial_dir, ranges
 from vectorlm.data.loader import BatchShape, fetch
 from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.log import Progress, setup_logging
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import resolve_attention, supported_attention
+from vectorlm.train.attention import check_pairs_apart, model_attention, resolve_attention, supported_attention
 from vectorlm.train.distributed import DistributedEnv, init_distributed
 from vectorlm.train.launch import job_error, run_ranks
 from vectorlm.train.model import build_model, computed_settings
@@ -81,6 +84,9 @@ def compute_on_rank(job: ReferenceJob, env: DistributedEnv, scratch: Path) -> No
     model_class = causal_lm_class(job.model, trust_remote_code=job.trust_remote_code)
     attention = resolve_attention(job.train.attention, env.device, supported=supported_attention(model_class),
                                   model_name=model_class.__name__)  # fmt: skip
+    config = AutoConfig.from_pretrained(job.model, trust_remote_code=job.trust_remote_code)
+    config._attn_implementation = model_attention(attention)
+    check_pairs_apart(model_class, config, attention)  # before any weight is read
     settings = dataclasses.replace(computed_settings(job.train, env), objective="dpo", compile=False,
                                    activation_checkpointing="none")  # fmt: skip
     model, _ = build_model(job.model, env, train=settings, lora=LoraSettings(), attention=attention,
@@ -122,23 +128,25 @@ def _concat(parts: list, dtype) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=dtype).reshape(-1) for p in parts]) if parts else np.zeros(0, dtype)
 
 
-def gather(scratch: Path, output: Path, *, world_size: int, packed: datasets.DatasetDict) -> dict[str, int]:
+def gather(scratch: Path, output: Path, *, world_size: int, packed: datasets.DatasetDict) -> dict[str, Any]:
     """The ranks' shares in row order, as one DatasetDict of ``logps`` lists at ``output``; returns the rows of each
-    split."""
-    splits = {}
+    split and a digest of the values (what a training run records of its reference)."""
+    splits, digest = {}, hashlib.sha256()
     for split in ("train", "eval"):
         parts = [np.load(scratch / f"{split}.rank{r}.npz") for r in range(world_size)]
         rows = np.concatenate([p["rows"] for p in parts])
         counts = np.concatenate([p["counts"] for p in parts])
         values = np.concatenate([p["values"] for p in parts])
-        assert sorted(rows.tolist()) == list(range(len(packed[split]))), f"every {split} row once"
-        starts = np.cumsum(counts) - counts
+        if not np.array_equal(np.sort(rows), np.arange(len(packed[split]))):
+            raise RuntimeError(f"the ranks' shares do not cover every {split} row once")
         order = np.argsort(rows, kind="stable")
-        ordered = np.concatenate([values[starts[i] : starts[i] + counts[i]] for i in order]) if len(order) else values
+        starts = np.cumsum(counts) - counts
+        ordered = values[ranges(starts[order], counts[order])]
+        digest.update(split.encode() + counts[order].tobytes() + ordered.tobytes())
         column = list_array(ordered, counts[order], pa.float64())
         splits[split] = datasets.Dataset(pa.Table.from_arrays([column], names=["logps"]))
     datasets.DatasetDict(splits).save_to_disk(str(output))
-    return {split: len(rows) for split, rows in splits.items()}
+    return {"rows": {split: len(rows) for split, rows in splits.items()}, "content_digest": digest.hexdigest()[:32]}
 
 
 def run(job_file: str | Path) -> int:
@@ -171,16 +179,16 @@ def run_reference_logprobs(job: ReferenceJob, *, placement: Placement, log_path:
             raise RuntimeError(f"reference_logprobs failed: {job_error(tail)} (exit status {status}; the ranks' "
                                f"output is in {log_path})")  # fmt: skip
         packed = datasets.load_from_disk(job.packed)
-        rows = gather(scratch, scratch / "result", world_size=placement.ranks, packed=packed)
+        gathered = gather(scratch, scratch / "result", world_size=placement.ranks, packed=packed)
         packed_stats = json.loads((Path(job.packed) / STATS_FILE).read_text())
-        stats = {"rows": rows, "packed_fingerprint": packed_stats["fingerprint"], "reference_digest": job.digest,
+        stats = {**gathered, "packed_fingerprint": packed_stats["fingerprint"], "reference_digest": job.digest,
                  "reference_model": job.model, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
         (scratch / "result" / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         write_stage_config(scratch / "result", {"dpo": {"reference_model": job.model}}, upstream=job.packed)
         if output.exists():
             shutil.rmtree(output)
         (scratch / "result").rename(output)
-    log.info("reference log-probabilities of %s rows in %.1f s: %s", rows, stats["seconds"], output)
+    log.info("reference log-probabilities of %s rows in %.1f s: %s", stats["rows"], stats["seconds"], output)
     return stats
 
 

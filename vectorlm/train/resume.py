@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vectorlm.config import ConfigError, to_plain
+from vectorlm.config import ConfigError, TrainConfig, to_plain
 from vectorlm.config_schema import OPERATIONAL_KEYS, keys_marked
 from vectorlm.file_digests import FileDigests, model_digests
 from vectorlm.packed import STATS_FILE
@@ -40,9 +40,16 @@ def repeats_exactly(state: TrainState, *, train: dict[str, Any], world_size: int
     """Whether a run resumed from the checkpoint with train state ``state`` computes the steps after it as the
     interrupted attempt did: the same number of ranks (random number generators restored) and the same settings but
     for those that only say how often to look or how to run (a new ``max_steps`` reshapes the schedule)."""
+    recorded = recorded_train(state)
     return state.world_size == world_size and all(
-        state.train.get(k) == v for k, v in train.items() if k not in FREE_ON_RESUME
+        recorded.get(k) == v for k, v in train.items() if k not in FREE_ON_RESUME
     )
+
+
+def recorded_train(state: TrainState) -> dict[str, Any]:
+    """The train settings ``state`` recorded, a key it lacks (one added since, such as ``objective``) read as its
+    default: what the run computed with then."""
+    return {**to_plain(TrainConfig()), **state.train}
 
 
 class NoUsableCheckpoint(RuntimeError):
@@ -97,7 +104,7 @@ def plan_start(root: Path, *, fingerprint: dict[str, Any], train: dict[str, Any]
         return StartPlan("fresh")
     path, state = found
     # A checkpoint without these records (written before they existed) counts as a finished run with other settings.
-    old_fingerprint, old_train = state.fingerprint, state.train
+    old_fingerprint, old_train = state.fingerprint, recorded_train(state)
     # What checkpoints of earlier versions of vectorlm did not record (model_weights) is not held against them.
     unrecorded = [k for k in fingerprint if old_fingerprint and k not in old_fingerprint]
     if unrecorded:

@@ -32,7 +32,13 @@ from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.hub.model_dir import check_model_dir
 from vectorlm.log import format_duration
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import keeps_documents_apart, model_attention, resolve_attention, supported_attention
+from vectorlm.train.attention import (
+    check_pairs_apart,
+    keeps_documents_apart,
+    model_attention,
+    resolve_attention,
+    supported_attention,
+)
 from vectorlm.train.checkpoint import Checkpointer, load_checkpoint
 from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
 from vectorlm.train.job import TrainJob
@@ -90,9 +96,27 @@ class Trainer:
         the reference's digest for preference tuning: another beta or reference is another run."""
         settings = to_plain(self.cfg)
         if self.cfg.objective == "dpo":
+            dpo = self.recorded_sections["dpo"]
             reference = json.loads((Path(self.job.reference) / STATS_FILE).read_text()) if self.reference else {}
-            settings["dpo"] = {**to_plain(self.job.dpo), "reference": reference.get("reference_digest")}
+            # The reference by the content of its log-probabilities: an edit of code that computes the same values
+            # is the same run, as for the packed data (vectorlm/train/resume.py).
+            settings["dpo"] = {**{k: v for k, v in dpo.items() if k != "reference_model"},
+                               "reference": reference.get("content_digest")}  # fmt: skip
         return settings
+
+    @property
+    def recorded_sections(self) -> dict[str, Any]:
+        """The config sections this run's checkpoints and trackers record: train, lora, and for DPO the dpo settings
+        it uses (simpo_gamma only for simpo, the reference model only with a reference)."""
+        sections: dict[str, Any] = {"train": self.cfg, "lora": self.job.lora}
+        if self.cfg.objective == "dpo":
+            dpo = to_plain(self.job.dpo)
+            if dpo["loss"] != "simpo":
+                dpo.pop("simpo_gamma")
+            if not self.job.dpo.uses_reference:
+                dpo.pop("reference_model")
+            sections["dpo"] = dpo
+        return sections
 
     def build(self) -> None:
         """The sharded model (weights read from the base model), optimizer, schedule, data and checkpoint writer."""
@@ -104,6 +128,8 @@ class Trainer:
         self.flatten = self.attention == "flash_attention_2"
         config = AutoConfig.from_pretrained(self.job.model, trust_remote_code=self.job.trust_remote_code)
         config._attn_implementation = model_attention(self.attention)
+        if self.objective.pairs:  # before any weight is read
+            check_pairs_apart(model_class, config, self.attention)
         if self.packing and not keeps_documents_apart(model_class, config):  # before any weight is read
             raise ConfigError(f"data.packing: {model_class.__name__} with attention {self.attention} would let packed "
                               "documents see each other (its attention masks ignore the positions that mark them, or "
@@ -179,7 +205,7 @@ class Trainer:
                                   truncate_after=None if exact else state.step)  # fmt: skip
         self.trackers = None
         if self.env.is_main and self.cfg.report_to:
-            config = resolved_config({"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed)
+            config = resolved_config(self.recorded_sections, upstream=self.job.packed)
             self.trackers = Trackers(self.cfg.report_to, run=self.job.run, config=config,
                                      run_ids=state.tracking if state and exact else {},
                                      earlier=read_metrics(self.job.run.metrics) if state else [])  # fmt: skip
@@ -236,7 +262,7 @@ class Trainer:
         with self.meter.paused():
             self.checkpointer.save(
                 path, model=self.model, optimizer=self.optimizer, train_state=state,
-                settings={"train": self.cfg, "lora": self.job.lora}, upstream=self.job.packed,
+                settings=self.recorded_sections, upstream=self.job.packed,
                 keep=self.cfg.keep_checkpoints, trainable_only=self.job.lora.enabled,
             )  # fmt: skip
             if wait:
