@@ -21,17 +21,16 @@ include: "rules/train.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
 include: "rules/evaluate.smk"
+include: "rules/sweep.smk"
 
 
 # The whole pipeline: tokenize -> pack -> train -> consolidate -> convert_hf, the run's report, evaluate when the
-# config has an evaluate section, and for DPO the reference model's log-probabilities (which train reads: named here
+# config has an evaluate section (each for every run of a sweep, and the sweep's report), and for DPO the reference model's log-probabilities (which train reads: named here
 # too, so that a plan shows them before the estimate has decided whether train runs).
 rule all:
     default_target: True
     input:
-        rules.convert_hf.output.model,
-        rules.report.output,
-        get_evaluate_targets(),
+        get_all_targets(),
         get_reference_targets(),
 
 

@@ -4,6 +4,7 @@ What these compose comes from vectorlm/pipeline/ (the checks before any job, fin
 summary), which imports no torch, transformers or datasets: this runs on every Snakemake call, dry runs included.
 """
 
+import re
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from vectorlm.pipeline.preflight import (
     check_resources,
     trains_anew,
 )
-from vectorlm.pipeline.summary import interrupted_line, summary_lines
+from vectorlm.pipeline.summary import interrupted_line, summary_lines, sweep_lines
+from vectorlm.pipeline.sweep import sweep_configs, sweep_runs, sweep_select
 from vectorlm.run_dir import CacheDir, RunDir
 
 # A train log older than this does not say why this workflow failed.
@@ -46,7 +48,26 @@ check_experiment(
 )
 # Jobs read settings that are not in their params (the operational keys) from the config, with defaults filled in.
 config.update(CFG.to_dict())
-RUN, CACHE = RunDir(CFG.output_dir), CacheDir(CFG.cache_dir)
+# A sweep (docs/sweeps.md): the config of each run, by name, each checked like the experiment. A run's own stages write
+# under {output_dir}/runs/{run} with the layout of a single experiment; what the runs share runs once.
+RUNS = sweep_configs(config) if config.get("sweep") else {}
+RUN = RunDir(f"{CFG.output_dir}/runs/{{run}}") if RUNS else RunDir(CFG.output_dir)
+CACHE = CacheDir(CFG.cache_dir)
+
+
+wildcard_constraints:
+    run="|".join(re.escape(name) for name in RUNS) or "(?!)",
+
+
+def run_config(wildcards):
+    """The config of the run a job belongs to: a sweep run's, else the experiment's."""
+    return RUNS[wildcards.run] if RUNS else CFG
+
+
+def get_output_dir(wildcards):
+    """The output_dir of the run a job belongs to ({output_dir}/runs/{run} in a sweep)."""
+    return run_config(wildcards).output_dir
+
 
 # Reruns follow content (vectorlm/pipeline/fingerprint.py): each rule's params carry digests of its code, its input
 # data and the model files it reads; external inputs are ancient() so that their timestamps trigger nothing, and the
@@ -120,8 +141,8 @@ def get_source_fingerprint(wildcards):
     return fingerprint("tokenize.py", data=files, model=["files"])
 
 
-def get_train_params():
-    return without_operational("train", to_plain(CFG.train))
+def get_train_params(wildcards):
+    return without_operational("train", to_plain(run_config(wildcards).train))
 
 
 def get_convert_outputs():
@@ -131,24 +152,25 @@ def get_convert_outputs():
     return outputs
 
 
-def get_consolidate_params():
-    return settings_of("export", "consolidate")
+def get_consolidate_params(wildcards):
+    return settings_of("export", "consolidate", run_config(wildcards))
 
 
-def get_convert_params():
-    return settings_of("export", "convert_hf")
+def get_convert_params(wildcards):
+    return settings_of("export", "convert_hf", run_config(wildcards))
 
 
-def get_lora_params():
-    return to_plain(CFG.lora)
+def get_lora_params(wildcards):
+    return to_plain(run_config(wildcards).lora)
 
 
-def get_dpo_params():
+def get_dpo_params(wildcards):
     """The dpo settings of preference tuning that train reads (the reference model reaches it as an input)."""
-    if CFG.train.objective != "dpo":
+    cfg = run_config(wildcards)
+    if cfg.train.objective != "dpo":
         return None
-    dpo = {k: v for k, v in to_plain(CFG.dpo).items() if k != "reference_model"}
-    if CFG.dpo.loss != "simpo":  # a margin the loss does not use reruns nothing
+    dpo = {k: v for k, v in to_plain(cfg.dpo).items() if k != "reference_model"}
+    if cfg.dpo.loss != "simpo":  # a margin the loss does not use reruns nothing
         dpo.pop("simpo_gamma")
     return dpo
 
@@ -169,9 +191,9 @@ def get_reference_resources():
     }
 
 
-def settings_of(section, stage):
+def settings_of(section, stage, cfg):
     """The keys of a config section whose change reruns ``stage`` (their x-reruns in the schema)."""
-    values = to_plain(getattr(CFG, section))
+    values = to_plain(getattr(cfg, section))
     return {
         key: value
         for key, value in values.items()
@@ -213,10 +235,14 @@ def get_evaluate_outputs():
     return outputs
 
 
-def get_evaluate_inputs():
+def get_evaluate_inputs(wildcards):
     inputs = {"model": rules.convert_hf.output.model}
     if CFG.evaluate.compare_base:
         inputs["base"] = model_input()
+        # In a sweep the first run's job evaluates the base model into the cache, and the others wait for it.
+        first = next(iter(RUNS), None)
+        if RUNS and wildcards.run != first:
+            inputs["base_evaluated"] = expand(rules.evaluate.output.results, run=first)
     return inputs
 
 
@@ -243,16 +269,63 @@ def get_reference_targets():
     return [rules.reference_logprobs.output.logprobs] if USES_REFERENCE else []
 
 
+def get_sweep_overrides():
+    """{run: its overrides} of the sweep, in order."""
+    return {run.name: run.overrides for run in sweep_runs(config["sweep"])}
+
+
+def get_all_targets():
+    """What `all` asks for: the experiment's model, report and evaluation, for every run of a sweep with the sweep's
+    report."""
+    targets = [
+        rules.convert_hf.output.model,
+        *rules.report.output,
+        *get_evaluate_targets(),
+    ]
+    if not RUNS:
+        return targets
+    return [*expand(targets, run=RUNS), *rules.sweep_report.output]
+
+
 def get_train_inputs(wildcards):
     """The train job's inputs; a training that will run anew waits for the estimate, and one that will not fit the
     GPUs (with estimate.check set to error) stops the workflow here, before train is queued.
     """
-    if trains_anew(RUN, train=to_plain(CFG.train), lora=to_plain(CFG.lora)):
-        check_fit(checkpoints.estimate.get().output.estimate, check=CFG.estimate.check)
+    cfg = run_config(wildcards)
+    if trains_anew(
+        RunDir(cfg.output_dir), train=to_plain(cfg.train), lora=to_plain(cfg.lora)
+    ):
+        check_fit(
+            checkpoints.estimate.get(**wildcards).output.estimate,
+            check=cfg.estimate.check,
+        )
     inputs = {"packed": rules.link_data.output.packed, "model": model_input()}
     if USES_REFERENCE:
         inputs["reference"] = rules.reference_logprobs.output.logprobs
     return inputs
+
+
+def get_estimate_settings(section):
+    """A param function: the settings of ``section`` (train, lora) the run's estimate depends on."""
+
+    def settings(wildcards):
+        return estimate_settings(
+            section, to_plain(getattr(run_config(wildcards), section))
+        )
+
+    return settings
+
+
+def get_estimate_config(wildcards):
+    return to_plain(run_config(wildcards).estimate)
+
+
+def get_export_dtype(wildcards):
+    return run_config(wildcards).export.dtype
+
+
+def get_packed_stats(wildcards):
+    return str(RunDir(get_output_dir(wildcards)).packed / STATS_FILE)
 
 
 def get_train_resources(wildcards):
@@ -273,13 +346,34 @@ def check_train_resources(rule):
 
 
 def report_interruption():
-    """Printed last when the workflow fails: that training was interrupted, if it was, and how to continue."""
-    if (line := interrupted_line(RUN, since=WORKFLOW_START)) is not None:
-        print(line)
+    """Printed last when the workflow fails: that training was interrupted, if it was, and how to continue. In a
+    sweep, the sweep's report is written anyway, listing the runs that failed with their logs (run with --keep-going
+    so that the other runs finish)."""
+    for run in RUNS or [None]:
+        run_dir = RunDir(RUNS[run].output_dir) if run else RUN
+        if (line := interrupted_line(run_dir, since=WORKFLOW_START)) is not None:
+            print(line)
+    if RUNS:
+        for line in sweep_lines(
+            CFG.output_dir,
+            get_sweep_overrides(),
+            select=sweep_select(config["sweep"]),
+            failed=True,
+        ):
+            print(line)
 
 
 def report_summary():
-    """Printed when the workflow succeeds (vectorlm/pipeline/summary.py)."""
+    """Printed when the workflow succeeds (vectorlm/pipeline/summary.py); for a sweep, its best run."""
+    if RUNS:
+        for line in sweep_lines(
+            CFG.output_dir,
+            get_sweep_overrides(),
+            select=sweep_select(config["sweep"]),
+            failed=False,
+        ):
+            print(line)
+        return
     evaluating = CFG.evaluate is not None
     for line in summary_lines(
         RUN,

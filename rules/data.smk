@@ -50,6 +50,7 @@ rule link_data:
         str(RUN.log("link_data")),
     localrule: True
     params:
+        output_dir=get_output_dir,
         sources=DATA.keys,
         pack_key=DATA.pack_key,
         fingerprint=fingerprint("link_data.py"),

@@ -7,12 +7,13 @@ if CFG.evaluate is not None:
         training, so never beside it on a machine's GPUs) unless the cache holds that evaluation already.
         """
         input:
-            **get_evaluate_inputs(),
+            unpack(get_evaluate_inputs),
         output:
             **get_evaluate_outputs(),
         log:
             str(RUN.log("evaluate")),
         params:
+            output_dir=get_output_dir,
             evaluate=get_evaluate_params(),
             base=get_base_evaluation_params(),
             trust_remote_code=CFG.trust_remote_code,

@@ -8,7 +8,7 @@ rule consolidate:
     log:
         str(RUN.log("consolidate")),
     params:
-        export=get_consolidate_params(),
+        export=get_consolidate_params,
         trust_remote_code=CFG.trust_remote_code,
         # It writes the base checkpoint's own layout: it reads the names and shapes in the weights' files.
         fingerprint=fingerprint("consolidate.py", model=["files", "weights"]),
@@ -27,7 +27,7 @@ rule convert_hf:
     log:
         str(RUN.log("convert_hf")),
     params:
-        export=get_convert_params(),
+        export=get_convert_params,
         trust_remote_code=CFG.trust_remote_code,
         # The merge of a LoRA adapter reads the base weights; a full fine-tune's export copies consolidate's.
         fingerprint=fingerprint(

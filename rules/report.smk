@@ -41,6 +41,7 @@ rule report:
     log:
         str(RUN.log("report")),
     params:
+        output_dir=get_output_dir,
         fingerprint=fingerprint("report.py"),
     script:
         "../workflow_scripts/report.py"

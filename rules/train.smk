@@ -16,13 +16,13 @@ checkpoint estimate:
     localrule: True
     threads: 1
     params:
-        train=estimate_settings("train", to_plain(CFG.train)),
-        lora=estimate_settings("lora", to_plain(CFG.lora)),
-        export_dtype=CFG.export.dtype,
-        estimate=to_plain(CFG.estimate),
+        train=get_estimate_settings("train"),
+        lora=get_estimate_settings("lora"),
+        export_dtype=get_export_dtype,
+        estimate=get_estimate_config,
         max_seq_len=CFG.max_seq_len,
         resources=get_train_resources,
-        packed_stats=str(RUN.packed / STATS_FILE),
+        packed_stats=get_packed_stats,
         trust_remote_code=CFG.trust_remote_code,
         fingerprint=fingerprint("estimate.py", model=["files"]),
     script:
@@ -46,9 +46,10 @@ rule train:
         # Tells the SLURM plugin to run the job script in the allocation itself: it calls srun for the ranks.
         mpi="srun",
     params:
-        train=get_train_params(),
-        lora=get_lora_params(),
-        dpo=get_dpo_params(),
+        train=get_train_params,
+        lora=get_lora_params,
+        dpo=get_dpo_params,
+        output_dir=get_output_dir,
         trust_remote_code=CFG.trust_remote_code,
         fingerprint=fingerprint("train.py", model=["files", "weights"]),
     script:

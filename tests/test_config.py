@@ -79,7 +79,7 @@ def leaf_keys() -> dict[str, tuple[str | None, str]]:
             for key, prop in section_properties(section).items() if "properties" not in prop}  # fmt: skip
 
 
-SECTIONS = ("data", "train", "lora", "dpo", "export", "estimate", "evaluate")
+SECTIONS = ("data", "train", "lora", "dpo", "export", "estimate", "evaluate", "sweep")
 
 
 def test_every_key_states_its_role_once_and_the_docs_agree():

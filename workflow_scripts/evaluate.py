@@ -13,7 +13,7 @@ with logged_stage("evaluate", sm.log[0]):
     run_evaluate(
         sm.input.model,
         EvaluateConfig(**sm.params.evaluate, **operational(sm.config, "evaluate")),
-        output_dir=RunDir(sm.config["output_dir"]).evaluate.root,
+        output_dir=RunDir(sm.params.output_dir).evaluate.root,
         base_dir=sm.input.get("base"),
         base_entry=base["entry"] if base else None,
         chat_template=base["chat_template"] if base else None,

@@ -6,4 +6,4 @@ from vectorlm.run_dir import RunDir
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logged_stage("report", sm.log[0]):
-    write_report(RunDir(sm.config["output_dir"]))
+    write_report(RunDir(sm.params.output_dir))

@@ -13,7 +13,7 @@ from vectorlm.train.preemption import PREEMPTED_EXIT_CODE
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logged_stage("train", sm.log[0]):
-    job = TrainJob(model=sm.input.model, packed=sm.input.packed, output_dir=sm.config["output_dir"],
+    job = TrainJob(model=sm.input.model, packed=sm.input.packed, output_dir=sm.params.output_dir,
                    train=TrainConfig(**sm.params.train, **operational(sm.config, "train")),
                    lora=LoraSettings(**sm.params.lora), trust_remote_code=sm.params.trust_remote_code,
                    dpo=DpoSettings(**(sm.params.dpo or {})), reference=sm.input.get("reference"))  # fmt: skip

@@ -4,6 +4,7 @@ current, and the warnings of the data stages that a user would otherwise not see
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from vectorlm.config_schema import without_operational
@@ -76,3 +77,22 @@ def current_evaluation(
     ):
         return None
     return results
+
+
+def sweep_lines(output_dir: str | Path, runs: dict[str, dict[str, Any]], *, select: str, failed: bool) -> list[str]:
+    """What to print at the end of a sweep in ``output_dir`` (runs: {name: overrides}). After a success, the best run
+    from rule sweep_report's ``runs.json``. After a failure (a run failed; with --keep-going the others finished, and
+    Snakemake skipped sweep_report), the same report is written here, listing the failed runs with their logs."""
+    folder = Path(output_dir, "sweep")
+    if failed:
+        from vectorlm.report.sweep_report import write_sweep_report  # numpy and matplotlib: only when needed
+
+        result = write_sweep_report(output_dir, runs, select=select)
+        unfinished = [row["run"] for row in result["runs"] if row["status"] == "failed"]
+        return [(f"vectorlm: sweep: {len(unfinished)} of {len(result['runs'])} runs have no finished training "
+                 f"({', '.join(unfinished)}); report: {folder / 'summary.md'}")]  # fmt: skip
+    if not (folder / "runs.json").is_file():  # a narrower target than all: no sweep report yet
+        return []
+    result = json.loads((folder / "runs.json").read_text())
+    return [(f"\nvectorlm: sweep of {len(result['runs'])} runs; best by {result['select']}: {result['best']} "
+             f"({Path(output_dir, 'best')}); report: {folder / 'summary.md'}\n")]  # fmt: skip

@@ -207,6 +207,7 @@ def finished_summary(run: RunDir, checkpoint: Path, state: TrainState) -> dict[s
         "attention": kind("attention", (str,)),
         "parameters": kind("parameters", (int,)),
         "trainable_parameters": kind("trainable_parameters", (int,)),
+        "train_seconds": kind("train_seconds", (int, float)),
         "final_eval_metrics": final_eval_metrics(records, state.step),
         "skipped_steps": state.skipped_steps,
         "peak_memory_mb": max((s.get("peak_memory_mb") or 0.0 for s in steps), default=None),

@@ -297,6 +297,7 @@ class Trainer:
             "trainable_parameters": self.num_trainable,
             "skipped_steps": self.total_skipped_steps(),
             "peak_memory_mb": peak_memory_mb(self.env.device),
+            "train_seconds": round(time.monotonic() - self.started[0], 3),  # this attempt's, evaluations included
         }
 
     def fit(self, first_step: int, stop: StopRequest) -> bool:
