@@ -29,7 +29,7 @@ from vectorlm.pipeline.preflight import (
 )
 from vectorlm.pipeline.summary import interrupted_line, summary_lines, sweep_lines
 from vectorlm.pipeline.sweep import sweep_configs, sweep_runs, sweep_select
-from vectorlm.run_dir import CacheDir, RunDir
+from vectorlm.run_dir import CacheDir, Evaluation, RunDir
 
 # A train log older than this does not say why this workflow failed.
 WORKFLOW_START = time.time()
@@ -64,6 +64,12 @@ def run_config(wildcards):
     return RUNS[wildcards.run] if RUNS else CFG
 
 
+def report_labels(**labels):
+    """The labels of a run's file in `snakemake --report`, with the run's name in a sweep (files with equal labels
+    would show as one)."""
+    return {"run": "{run}", **labels} if RUNS else labels
+
+
 def get_output_dir(wildcards):
     """The output_dir of the run a job belongs to ({output_dir}/runs/{run} in a sweep)."""
     return run_config(wildcards).output_dir
@@ -85,9 +91,12 @@ MODEL_DIGESTS = (
     else model_digests(DIGESTS, CFG.model)
 )
 # An explicit train.attention the model does not support fails here (the answer is kept per model).
-check_attention(
-    CFG, cache=".snakemake/vectorlm-attention.json", model_digest=MODEL_DIGESTS["files"]
-)
+for cfg in [CFG, *RUNS.values()]:
+    check_attention(
+        cfg,
+        cache=".snakemake/vectorlm-attention.json",
+        model_digest=MODEL_DIGESTS["files"],
+    )
 fingerprint = StageFingerprints(SCRIPTS, digests=DIGESTS, model=MODEL_DIGESTS)
 # The data's cache entries: a tokenize job per source of data.train, one pack job (vectorlm/pipeline/cache_keys.py).
 DATA = DataEntries(CFG, fingerprint=fingerprint)
@@ -219,7 +228,7 @@ def get_evaluate_outputs():
             str(evaluation.table),
             caption="captions/evaluate.rst",
             category="evaluate",
-            labels={"file": evaluation.table.name},
+            labels=report_labels(file=evaluation.table.name),
         ),
         "generations": str(evaluation.generations),
     }
@@ -239,10 +248,10 @@ def get_evaluate_inputs(wildcards):
     inputs = {"model": rules.convert_hf.output.model}
     if CFG.evaluate.compare_base:
         inputs["base"] = model_input()
-        # In a sweep the first run's job evaluates the base model into the cache, and the others wait for it.
-        first = next(iter(RUNS), None)
-        if RUNS and wildcards.run != first:
-            inputs["base_evaluated"] = expand(rules.evaluate.output.results, run=first)
+        if (
+            RUNS
+        ):  # a sweep's runs share the base model's evaluation (rule evaluate_base)
+            inputs["base_evaluated"] = rules.evaluate_base.output.results
     return inputs
 
 
@@ -257,6 +266,11 @@ def get_base_evaluation_params():
         "entry": str(CACHE.evaluation(key).root),
         "chat_template": base_chat_template(CFG),
     }
+
+
+def get_base_evaluation_results():
+    """The results file of the base model's evaluation's cache entry (with evaluate.compare_base)."""
+    return str(Evaluation(get_base_evaluation_params()["entry"]).results)
 
 
 def get_evaluate_targets():
@@ -340,9 +354,11 @@ def get_train_resources(wildcards):
 
 def check_train_resources(rule):
     """The train rule's resources as set by the rule, a profile or --set-resources, checked for sense."""
-    check_resources(
-        {name: resource.raw for name, resource in rule.resources.items()}, config=CFG
-    )
+    resources = {name: resource.raw for name, resource in rule.resources.items()}
+    for cfg in RUNS.values() or [
+        CFG
+    ]:  # every run of a sweep on the train rule's resources
+        check_resources(resources, config=cfg)
 
 
 def report_interruption():

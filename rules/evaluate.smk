@@ -20,3 +20,23 @@ if CFG.evaluate is not None:
             fingerprint=get_evaluate_fingerprint(),
         script:
             "../workflow_scripts/evaluate.py"
+
+    # A sweep's runs share the base model's evaluation: one job makes its cache entry, before the runs' evaluations.
+    if RUNS and CFG.evaluate.compare_base:
+
+        rule evaluate_base:
+            """lm-evaluation-harness's tasks on the base model, once for all the runs of a sweep, into the cache
+            (unless an experiment made the entry already)."""
+            input:
+                base=model_input(),
+            output:
+                results=get_base_evaluation_results(),
+            log:
+                str(Path(CFG.output_dir, "logs", "evaluate_base.log")),
+            params:
+                evaluate=get_evaluate_params(),
+                base=get_base_evaluation_params(),
+                trust_remote_code=CFG.trust_remote_code,
+                fingerprint=get_evaluate_fingerprint(),
+            script:
+                "../workflow_scripts/evaluate_base.py"

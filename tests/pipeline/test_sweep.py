@@ -58,6 +58,9 @@ def test_each_run_is_the_experiment_under_runs_sharing_its_cache():
         ({"runs": {"a": {"train.checkpoint_every": 5}}}, "train.checkpoint_every says how a stage runs"),
         ({"runs": {"a/b": {}}}, "the run name 'a/b' must be a directory name"),
         ({"runs": {"lr-1": {}}, "grid": {}}, None),
+        ({"runs": {}}, "the sweep section has no runs"),
+        ({"runs": {"a": {"train.seed": 3}}, "seeds": [0]}, "a run sets train.seed and sweep.seeds"),
+        ({"seeds": [0], "select": "accuracy"}, "sweep.select: 'accuracy' is neither eval_loss nor <task>/<metric>"),
     ],
 )  # fmt: skip
 def test_bad_overrides_are_named_by_run_and_key(sweep, message):
@@ -66,3 +69,17 @@ def test_bad_overrides_are_named_by_run_and_key(sweep, message):
         return
     with pytest.raises(ConfigError, match=message):
         sweep_configs(experiment(**sweep))
+
+
+def test_an_evaluate_metric_selects_only_with_an_evaluate_section_and_dpo_keeps_its_reference():
+    raw = experiment(seeds=[0], select="tiny_stories_cloze/acc")
+    assert list(sweep_configs(raw)) == ["seed-0"]
+    raw.pop("evaluate")
+    with pytest.raises(ConfigError, match="is an evaluate metric, and the experiment has no evaluate section"):
+        sweep_configs(raw)
+    dpo = yaml.safe_load((REPO / "config" / "dpo.yaml").read_text())
+    dpo["sweep"] = {"runs": {"ref-free": {"dpo.loss": "simpo"}, "ipo": {"dpo.loss": "ipo"}}}
+    with pytest.raises(ConfigError, match="sweep run ref-free: config key dpo.loss cannot switch between simpo"):
+        sweep_configs(dpo)
+    dpo["sweep"] = {"runs": {"ipo": {"dpo.loss": "ipo", "dpo.beta": 0.5}}}
+    assert sweep_configs(dpo)["ipo"].dpo.beta == 0.5

@@ -58,3 +58,15 @@ def test_an_evaluate_metric_selects_the_highest_and_the_link_moves(tmp_path):
     result = write_sweep_report(tmp_path, runs, select="cloze/acc")
     assert result["best"] == "lr-1_seed-0"
     assert (tmp_path / "best").resolve() == (tmp_path / "runs" / "lr-1_seed-0" / "hf_model").resolve()
+
+
+def test_a_run_without_its_model_is_failed_and_a_real_best_directory_is_left_alone(tmp_path):
+    runs = make_runs(tmp_path)
+    (tmp_path / "runs" / "lr-2_seed-0" / "hf_model").rmdir()  # trained, but its export failed
+    result = write_sweep_report(tmp_path, runs)
+    assert {row["run"]: row["status"] for row in result["runs"]}["lr-2_seed-0"] == "failed"
+    assert result["best"] == "lr-1_seed-1"
+    (tmp_path / "best").unlink()
+    (tmp_path / "best").mkdir()
+    with pytest.raises(FileExistsError, match="is not a link the sweep made"):
+        write_sweep_report(tmp_path, runs)

@@ -53,27 +53,36 @@ def run_evaluate(
     shutil.rmtree(output.base.root, ignore_errors=True)  # never an earlier comparison's files beside these
     if base_dir is not None:
         assert base_entry is not None
-        entry = Evaluation(base_entry)
-        if entry.results.is_file():
-            log.info("the base model's evaluation was made by an earlier run: %s", entry.root)
-        else:
-            log.info("evaluating the base model %s first, into %s", base_dir, entry.root)
-            entry.root.parent.mkdir(parents=True, exist_ok=True)
-            partial = Path(tempfile.mkdtemp(prefix=f"{entry.root.name}.partial-", dir=entry.root.parent))
-            evaluate_model(base_dir, settings, output_dir=partial, chat_template=chat_template,
-                           trust_remote_code=trust_remote_code)  # fmt: skip
-            if entry.root.is_dir() and not entry.results.is_file():
-                shutil.rmtree(entry.root)  # incomplete (not made here: entries appear whole, by rename)
-            try:
-                partial.rename(entry.root)
-            except OSError:  # another experiment made the same entry meanwhile
-                shutil.rmtree(partial)
+        entry = evaluate_base(base_dir, settings, entry=base_entry, chat_template=chat_template,
+                              trust_remote_code=trust_remote_code)  # fmt: skip
         output.base.root.mkdir(parents=True)
         for source, target in zip(entry.files, output.base.files, strict=True):
             shutil.copyfile(source, target)
         base_results = output.base.results
     return evaluate_model(model_dir, settings, output_dir=output_dir, base_results=base_results,
                           trust_remote_code=trust_remote_code, provenance=provenance)  # fmt: skip
+
+
+def evaluate_base(base_dir: str | Path, settings: EvaluateConfig, *, entry: str | Path, chat_template: str | None,
+                  trust_remote_code: bool = False) -> Evaluation:  # fmt: skip
+    """The base model's evaluation in the cache entry ``entry``, made now unless an experiment already did (the
+    entry's name is a digest of everything its results depend on); entries appear whole, by rename."""
+    entry = Evaluation(entry)
+    if entry.results.is_file():
+        log.info("the base model's evaluation was made by an earlier run: %s", entry.root)
+        return entry
+    log.info("evaluating the base model %s first, into %s", base_dir, entry.root)
+    entry.root.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{entry.root.name}.partial-", dir=entry.root.parent))
+    evaluate_model(base_dir, settings, output_dir=partial, chat_template=chat_template,
+                   trust_remote_code=trust_remote_code)  # fmt: skip
+    if entry.root.is_dir() and not entry.results.is_file():
+        shutil.rmtree(entry.root)  # incomplete (not made here: entries appear whole, by rename)
+    try:
+        partial.rename(entry.root)
+    except OSError:  # another experiment made the same entry meanwhile
+        shutil.rmtree(partial)
+    return entry
 
 
 @contextmanager

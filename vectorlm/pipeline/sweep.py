@@ -53,6 +53,10 @@ def sweep_runs(sweep: dict[str, Any]) -> list[SweepRun]:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
     bases = [(name, dict(overrides or {})) for name, overrides in named.items()]
     bases += [("_".join(f"{_short(key)}-{_value(value)}" for key, value in point.items()), point) for point in points]
+    if not bases and not seeds:
+        raise ConfigError("the sweep section has no runs: give sweep.runs, sweep.grid or sweep.seeds (or remove it)")
+    if seeds and any("train.seed" in overrides for _, overrides in bases):
+        raise ConfigError("sweep: a run sets train.seed and sweep.seeds repeats every run with its seeds; use one")
     runs, seen = [], {}
     for (base, overrides), seed in itertools.product(bases or [("", {})], seeds or [None]):
         values = {**overrides, **({"train.seed": seed} if seed is not None else {})}
@@ -113,6 +117,8 @@ def sweep_configs(raw: dict[str, Any]) -> dict[str, Config]:
     Raises:
         ConfigError: naming the run and the config key of a run whose overrides are not valid.
     """
+    experiment = Config.from_dict(run_config(raw, SweepRun("", {})))
+    check_select(raw["sweep"], evaluating=experiment.evaluate is not None)
     configs = {}
     for run in sweep_runs(raw["sweep"]):
         if (raw.get("train") or {}).get("objective") == "dpo" and "train.mixed_precision" in run.overrides:
@@ -122,7 +128,25 @@ def sweep_configs(raw: dict[str, Any]) -> dict[str, Config]:
             configs[run.name] = Config.from_dict(run_config(raw, run))
         except ConfigError as error:
             raise ConfigError(f"sweep run {run.name} ({_describe(run.overrides)}): {error}") from None
+        if (
+            configs[run.name].dpo.uses_reference != experiment.dpo.uses_reference
+            and experiment.train.objective == "dpo"
+        ):
+            raise ConfigError(f"sweep run {run.name}: config key dpo.loss cannot switch between simpo and a loss with a "
+                              "reference model within a sweep: the reference log-probabilities are the experiment's")  # fmt: skip
     return configs
+
+
+def check_select(sweep: dict[str, Any], *, evaluating: bool) -> None:
+    """``sweep.select``: eval_loss, or ``<task>/<metric>`` of the evaluate section's results."""
+    select = sweep_select(sweep)
+    if select == "eval_loss":
+        return
+    if not re.fullmatch(r"[^/\s]+/[^/\s]+", select):
+        raise ConfigError(f"sweep.select: {select!r} is neither eval_loss nor <task>/<metric> (e.g. "
+                          "tiny_stories_cloze/acc)")  # fmt: skip
+    if not evaluating:
+        raise ConfigError(f"sweep.select: {select!r} is an evaluate metric, and the experiment has no evaluate section")
 
 
 def _describe(overrides: dict[str, Any]) -> str:

@@ -24,19 +24,21 @@ from vectorlm.train.metrics_log import read_metrics
 
 log = logging.getLogger(__name__)
 
-SEED = re.compile(r"_?seed-\d+$")
+SEED = re.compile(r"(^|_)seed--?\d+$")
 
 
 def run_row(name: str, run: RunDir, overrides: dict[str, Any]) -> dict[str, Any]:
     """What the report shows of one run, read from its run directory: failed (with its train log) when it has no
     training summary."""
     row: dict[str, Any] = {"run": name, "overrides": overrides, "group": SEED.sub("", name) or "run"}
-    if not run.summary.is_file():  # the log of the stage that failed: the last written
+    if not (run.summary.is_file() and run.hf_model.is_dir()):  # the log of the stage that failed: the last written
         logs = sorted(run.logs.glob("*.log"), key=lambda path: path.stat().st_mtime) if run.logs.is_dir() else []
         return {**row, "status": "failed", "log": str(logs[-1] if logs else run.log("train"))}
     summary = json.loads(run.summary.read_text())
     steps = [r for r in read_metrics(run.metrics) if "loss" in r]
     mfu = [r["mfu"] for r in steps if r.get("mfu") is not None]
+    if summary.get("final_eval_loss") is None:
+        return {**row, "status": "failed", "log": str(run.log("train"))}
     row.update(status="finished", final_eval_loss=summary["final_eval_loss"],
                tokens_per_second=summary.get("tokens_per_second"), mfu=statistics.median(mfu) if mfu else None,
                train_seconds=summary.get("train_seconds"), model=str(run.hf_model),
@@ -90,7 +92,9 @@ def write_sweep_report(output_dir: str | Path, runs: dict[str, dict[str, Any]], 
     (folder / "summary.md").write_text(_markdown(result))
     _plot(output_dir, rows, folder / "eval_loss.png")
     link = output_dir / "best"
-    if link.is_symlink() or link.exists():
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is not a link the sweep made: move it away, the best run's link goes there")
+    if link.is_symlink():
         link.unlink()
     if best is not None:
         link.symlink_to(os.path.relpath(best["model"], output_dir))
@@ -106,13 +110,15 @@ def _markdown(result: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:,.{digits}f}"
 
     lines = [f"# Sweep: {len(result['runs'])} runs, best by {result['select']}: {result['best'] or 'none'}", "",
-             "| run | overrides | status | final eval loss | tokens/s | MFU | train s |", "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| run | overrides | status | final eval loss | evaluate | tokens/s | MFU | train s |",
+             "|---|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for row in result["runs"]:
         overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
         if row["status"] == "failed":
-            lines.append(f"| {row['run']} | {overrides} | failed (log: {row['log']}) | | | | |")
+            lines.append(f"| {row['run']} | {overrides} | failed (log: {row['log']}) | | | | | |")
             continue
-        lines.append(f"| {row['run']} | {overrides} | finished | {number(row['final_eval_loss'])} | "
+        evaluated = ", ".join(f"{name} {value:.4f}" for name, value in row["metrics"].items())
+        lines.append(f"| {row['run']} | {overrides} | finished | {number(row['final_eval_loss'])} | {evaluated} | "
                      f"{number(row['tokens_per_second'], 0)} | {number(row['mfu'], 3)} | "
                      f"{number(row['train_seconds'], 1)} |")  # fmt: skip
     lines += ["", "| run (seeds together) | runs | finished | mean eval loss | std |", "|---|---:|---:|---:|---:|"]
