@@ -16,6 +16,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.workflow
 
 TINY = {
+    "dpo_memory.py": ["--hidden", "64", "--layers", "1", "--vocab", "300", "--rows", "1", "--tokens", "256"],
     "activation_memory.py": [
         "--hidden",
         "64",

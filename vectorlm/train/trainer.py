@@ -297,7 +297,7 @@ class Trainer:
             "trainable_parameters": self.num_trainable,
             "skipped_steps": self.total_skipped_steps(),
             "peak_memory_mb": peak_memory_mb(self.env.device),
-            "train_seconds": round(time.monotonic() - self.started[0], 3),  # this attempt's, evaluations included
+            "train_seconds": self.train_seconds,  # this attempt's, evaluations included
         }
 
     def fit(self, first_step: int, stop: StopRequest) -> bool:
@@ -313,6 +313,8 @@ class Trainer:
                 if step == self.max_steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0):
                     self.evaluate(step)
                 if step == self.max_steps:
+                    # Once: the final checkpoint's summary and the run's summary.json say the same.
+                    self.train_seconds = round(time.monotonic() - self.started[0], 3)
                     self.save(step, final=True, wait=True)
                     outcome = "finished"
                     return True
