@@ -59,16 +59,21 @@ def age(path: Path) -> None:
         os.utime(entry, (time.time() + 10, time.time() + 10))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_model_dir, corpus_rows):
-    """A copy of the repository's workflow with a finished run of a user's config file."""
-    root = tmp_path_factory.mktemp("repo")
+def copy_workflow(root: Path) -> None:
+    """The repository's workflow (Snakefile, rules, scripts, configs, profiles, examples, the library) into ``root``."""
     for name in WORKFLOW:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, root / name)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_model_dir, corpus_rows):
+    """A copy of the repository's workflow with a finished run of a user's config file."""
+    root = tmp_path_factory.mktemp("repo")
+    copy_workflow(root)
     shutil.copytree(tiny_model_dir, root / "models" / "tiny")
     (root / "data").mkdir()
     # Above Snakemake's 1 MB checksum limit, so that only our fingerprints can tell a touched file from an edited one.

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_reruns import WORKFLOW, snakemake
+from tests.test_reruns import copy_workflow, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -53,12 +51,7 @@ def write(root: Path, name: str, config: dict) -> str:
 def sweep_repo(tmp_path_factory):
     """A copy of the workflow with the grid's sweep finished."""
     root = tmp_path_factory.mktemp("repo")
-    for name in WORKFLOW:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
+    copy_workflow(root)
     result = snakemake(root, write(root, "sweep.yaml", SWEEP), "all", minutes=25)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return root, jobs(result.stdout + result.stderr)

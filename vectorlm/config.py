@@ -31,15 +31,8 @@ SOURCE_FIELDS = (
     "chosen_field",
     "rejected_field",
 )
-INSTRUCTION_FIELDS = (
-    "prompt_field",
-    "response_field",
-    "messages_field",
-    "chat_template",
-    "separator",
-    "chosen_field",
-    "rejected_field",
-)
+# Those that say what kind of data a source holds (all but where its rows are and its text field).
+INSTRUCTION_FIELDS = tuple(key for key in SOURCE_FIELDS if key not in ("split", "text_field"))
 
 
 @dataclass(frozen=True)

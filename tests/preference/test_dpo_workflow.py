@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_reruns import WORKFLOW, planned, snakemake
+from tests.test_reruns import copy_workflow, planned, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -21,12 +20,7 @@ pytestmark = pytest.mark.workflow
 def dpo_repo(tmp_path_factory):
     """A copy of the repository's workflow with a finished run of config/dpo.yaml (the example model built too)."""
     root = tmp_path_factory.mktemp("repo")
-    for name in WORKFLOW:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
+    copy_workflow(root)
     result = snakemake(root, "--configfile=config/dpo.yaml", "all", minutes=15)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     return root

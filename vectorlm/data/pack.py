@@ -157,6 +157,29 @@ def _materialize(tokenized: datasets.Dataset, plan: PackingPlan, writer: Columns
     return loss_tokens
 
 
+def _write_rows(tokenized, plan: PackingPlan, *, path: Path, digest, groups: np.ndarray, max_seq_len: int,
+                targets: int) -> tuple[datasets.Dataset, np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Writes the planned rows to the Arrow file ``path``; returns them, the loss tokens of each group and the
+    statistics of any packing: tokens, loss tokens, rows, how full they are, and the share of the ``targets`` (loss
+    tokens before packing) lost."""
+    writer = ColumnsWriter(path, list(COLUMNS))
+    group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
+    loss_tokens, num_tokens, slots = int(group_loss_tokens.sum()), int(plan.length.sum()), plan.num_rows * max_seq_len
+    return (
+        writer.finish(),
+        group_loss_tokens,
+        {
+            "tokens": num_tokens,
+            "loss_tokens": loss_tokens,
+            "rows": plan.num_rows,
+            "fill_fraction": round(num_tokens / slots, 4) if slots else 0.0,
+            "loss_token_fraction": round(loss_tokens / slots, 4) if slots else 0.0,
+            "loss_tokens_before_packing": targets,
+            "loss_tokens_lost_fraction": round(1 - loss_tokens / targets, 4) if targets else 0.0,
+        },
+    )
+
+
 def instruction_losses(
     tokenized: datasets.Dataset, max_seq_len: int | np.ndarray, batch_size: int = 65536
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -223,11 +246,8 @@ def pack_dataset(
     lengths, usable, no_loss, targets = lengths[sample], usable[sample], no_loss[sample], int(targets[sample].sum())
     plan = plan_packing(usable, max_seq_len, overlap=overlap, truncate=truncate, packing=packing)
     plan.doc = sample[plan.doc]
-    writer = ColumnsWriter(path, list(COLUMNS))
-    group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
-    loss_tokens = int(group_loss_tokens.sum())
-    packed = writer.finish()
-    num_tokens, slots = int(plan.length.sum()), plan.num_rows * max_seq_len
+    packed, group_loss_tokens, written = _write_rows(tokenized, plan, path=path, digest=digest, groups=groups,
+                                                     max_seq_len=max_seq_len, targets=targets)  # fmt: skip
     too_long = int((lengths > max_seq_len).sum())
     stats = {
         "documents": len(lengths),
@@ -236,13 +256,7 @@ def pack_dataset(
         "documents_truncated": too_long if truncate else 0,
         "documents_dropped_no_loss_after_truncation": int(no_loss.sum()),
         "chunks_dropped_too_short": int(plan.num_dropped - no_loss.sum()),
-        "tokens": num_tokens,
-        "loss_tokens": loss_tokens,
-        "rows": plan.num_rows,
-        "fill_fraction": round(num_tokens / slots, 4) if slots else 0.0,
-        "loss_token_fraction": round(loss_tokens / slots, 4) if slots else 0.0,
-        "loss_tokens_before_packing": targets,
-        "loss_tokens_lost_fraction": round(1 - loss_tokens / targets, 4) if targets else 0.0,
+        **written,
     }
     if weights is not None:
         stats["sources"] = _source_stats(plan, tokenized_usable, groups, sample, group_loss_tokens, weights)
@@ -295,23 +309,14 @@ def pack_pairs(
     order = np.argsort(row, kind="stable")  # a pair's documents stay next to each other, chosen first
     plan = PackingPlan(doc[order], np.zeros(len(doc), np.int64), kept[doc][order], np.zeros(len(doc), np.int64),
                        row[order], num_rows, int((~usable_pairs).sum()))  # fmt: skip
-    writer = ColumnsWriter(path, list(COLUMNS))
-    group_loss_tokens = _materialize(tokenized, plan, writer, digest, groups)
-    packed = writer.finish()
-    loss_tokens, num_tokens, slots = int(group_loss_tokens.sum()), int(plan.length.sum()), num_rows * max_seq_len
-    before = int(targets[doc].sum())
+    packed, group_loss_tokens, written = _write_rows(tokenized, plan, path=path, digest=digest, groups=groups,
+                                                     max_seq_len=max_seq_len, targets=int(targets[doc].sum()))  # fmt: skip
     stats = {
         "pairs": len(sample),
         "documents": len(doc),
         "pairs_truncated": int((lengths[0::2] + lengths[1::2] > max_seq_len)[sample].sum()),
         "pairs_dropped_no_loss_after_truncation": int((~usable_pairs).sum()),
-        "tokens": num_tokens,
-        "loss_tokens": loss_tokens,
-        "rows": num_rows,
-        "fill_fraction": round(num_tokens / slots, 4) if slots else 0.0,
-        "loss_token_fraction": round(loss_tokens / slots, 4) if slots else 0.0,
-        "loss_tokens_before_packing": before,
-        "loss_tokens_lost_fraction": round(1 - loss_tokens / before, 4) if before else 0.0,
+        **written,
     }
     if weights is not None:
         stats["sources"] = _source_stats(plan, kept, groups, doc, group_loss_tokens, weights)

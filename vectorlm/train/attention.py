@@ -25,9 +25,10 @@ import sys
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PretrainedConfig
+from transformers import AttentionInterface, AutoConfig, PretrainedConfig
 
 from vectorlm.config import ConfigError
+from vectorlm.hub.meta_model import causal_lm_class
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,17 @@ def keeps_documents_apart(model_class: type, config: PretrainedConfig) -> bool:
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Which document each token belongs to, per row: positions restart at 0 with each document."""
     return (position_ids == 0).cumsum(-1)
+
+
+def model_and_attention(model_dir, requested: str, device: torch.device, *, trust_remote_code: bool = False):
+    """The model class of ``model_dir``, the attention it will run (:func:`resolve_attention` of ``requested``) and its
+    config set to it, read without any weight: what is checked before a stage builds the model."""
+    model_class = causal_lm_class(model_dir, trust_remote_code=trust_remote_code)
+    attention = resolve_attention(requested, device, supported=supported_attention(model_class),
+                                  model_name=model_class.__name__)  # fmt: skip
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config._attn_implementation = model_attention(attention)
+    return model_class, attention, config
 
 
 def check_pairs_apart(model_class: type, config: PretrainedConfig, attention: str) -> None:

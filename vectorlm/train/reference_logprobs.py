@@ -34,15 +34,13 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 import yaml
-from transformers import AutoConfig
 
 from vectorlm.config import LoraSettings, TrainConfig, to_plain, write_stage_config
 from vectorlm.data.arrow import list_array, partial_dir, ranges
 from vectorlm.data.loader import BatchShape, fetch
-from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.log import Progress, setup_logging
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import check_pairs_apart, model_attention, resolve_attention, supported_attention
+from vectorlm.train.attention import check_pairs_apart, model_and_attention
 from vectorlm.train.distributed import DistributedEnv, init_distributed
 from vectorlm.train.launch import job_error, run_ranks
 from vectorlm.train.model import build_model, computed_settings
@@ -81,11 +79,8 @@ def compute_on_rank(job: ReferenceJob, env: DistributedEnv, scratch: Path) -> No
     """This rank's share of the rows of every split: each row's documents' summed log-probabilities, written to
     ``scratch/{split}.rank{r}.npz``. Every rank runs the same number of forward passes (FSDP's all-gathers are
     collective), padding with the last row."""
-    model_class = causal_lm_class(job.model, trust_remote_code=job.trust_remote_code)
-    attention = resolve_attention(job.train.attention, env.device, supported=supported_attention(model_class),
-                                  model_name=model_class.__name__)  # fmt: skip
-    config = AutoConfig.from_pretrained(job.model, trust_remote_code=job.trust_remote_code)
-    config._attn_implementation = model_attention(attention)
+    model_class, attention, config = model_and_attention(job.model, job.train.attention, env.device,
+                                                         trust_remote_code=job.trust_remote_code)  # fmt: skip
     check_pairs_apart(model_class, config, attention)  # before any weight is read
     settings = dataclasses.replace(computed_settings(job.train, env), objective="dpo", compile=False,
                                    activation_checkpointing="none")  # fmt: skip

@@ -22,23 +22,16 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from transformers import AutoConfig, get_scheduler
+from transformers import get_scheduler
 
 from vectorlm.config import ConfigError, resolved_config, to_plain
 from vectorlm.data.arrow import list_lengths
 from vectorlm.data.loader import BatchShape, DataPosition, GlobalBatchSampler
 from vectorlm.data.prefetch import Prefetcher
-from vectorlm.hub.meta_model import causal_lm_class
 from vectorlm.hub.model_dir import check_model_dir
 from vectorlm.log import format_duration
 from vectorlm.packed import STATS_FILE
-from vectorlm.train.attention import (
-    check_pairs_apart,
-    keeps_documents_apart,
-    model_attention,
-    resolve_attention,
-    supported_attention,
-)
+from vectorlm.train.attention import check_pairs_apart, keeps_documents_apart, model_and_attention
 from vectorlm.train.checkpoint import Checkpointer, load_checkpoint
 from vectorlm.train.distributed import DistributedEnv, all_reduce_sum
 from vectorlm.train.job import TrainJob
@@ -69,7 +62,7 @@ class Trainer:
         self.packed = datasets.load_from_disk(job.packed)
         stats = json.loads((Path(job.packed) / STATS_FILE).read_text())
         self.objective = PreferenceObjective(job.dpo) if self.cfg.objective == "dpo" else TokenObjective()
-        self.reference = load_reference(job, self.packed, stats)
+        self.reference, self.reference_stats = load_reference(job, stats)
         packing, max_seq_len = stats.get("packing", True), stats.get("max_seq_len")
         lengths = None if packing else list_lengths(self.packed["train"])
         self.packing = packing
@@ -97,11 +90,10 @@ class Trainer:
         settings = to_plain(self.cfg)
         if self.cfg.objective == "dpo":
             dpo = self.recorded_sections["dpo"]
-            reference = json.loads((Path(self.job.reference) / STATS_FILE).read_text()) if self.reference else {}
             # The reference by the content of its log-probabilities: an edit of code that computes the same values
             # is the same run, as for the packed data (vectorlm/train/resume.py).
             settings["dpo"] = {**{k: v for k, v in dpo.items() if k != "reference_model"},
-                               "reference": reference.get("content_digest")}  # fmt: skip
+                               "reference": self.reference_stats.get("content_digest")}  # fmt: skip
         return settings
 
     @property
@@ -122,12 +114,9 @@ class Trainer:
         """The sharded model (weights read from the base model), optimizer, schedule, data and checkpoint writer."""
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed + env.rank)
-        model_class = causal_lm_class(self.job.model, trust_remote_code=self.job.trust_remote_code)
-        self.attention = resolve_attention(cfg.attention, env.device, supported=supported_attention(model_class),
-                                           model_name=model_class.__name__)  # fmt: skip
+        model_class, self.attention, config = model_and_attention(self.job.model, cfg.attention, env.device,
+                                                                  trust_remote_code=self.job.trust_remote_code)  # fmt: skip
         self.flatten = self.attention == "flash_attention_2"
-        config = AutoConfig.from_pretrained(self.job.model, trust_remote_code=self.job.trust_remote_code)
-        config._attn_implementation = model_attention(self.attention)
         if self.objective.pairs:  # before any weight is read
             check_pairs_apart(model_class, config, self.attention)
         if self.packing and not keeps_documents_apart(model_class, config):  # before any weight is read
@@ -335,20 +324,22 @@ class Trainer:
                 self.trackers.close(outcome)
 
 
-def load_reference(job: TrainJob, packed: datasets.DatasetDict, stats: dict[str, Any]) -> datasets.DatasetDict | None:
+def load_reference(job: TrainJob, stats: dict[str, Any]) -> tuple[datasets.DatasetDict | None, dict[str, Any]]:
     """The reference model's log-probabilities of the packed rows (rule reference_logprobs), checked to be of these
-    rows; None when the objective compares with no reference."""
+    rows (``stats``: the packed rows'), and their statistics; (None, {}) when the objective compares with no
+    reference."""
     if job.train.objective != "dpo" or not job.dpo.uses_reference:
-        return None
+        return None, {}
     if job.reference is None:
         raise ConfigError(f"dpo.loss {job.dpo.loss} needs the reference model's log-probabilities (rule "
                           "reference_logprobs), and the job names none")  # fmt: skip
-    recorded = json.loads((Path(job.reference) / STATS_FILE).read_text()).get("packed_fingerprint")
+    reference_stats = json.loads((Path(job.reference) / STATS_FILE).read_text())
+    recorded = reference_stats.get("packed_fingerprint")
     if recorded != stats.get("fingerprint"):
         raise ConfigError(f"the reference log-probabilities in {job.reference} were computed for other packed rows "
                           f"(fingerprint {recorded}) than {job.packed} ({stats.get('fingerprint')}): rerun rule "
                           "reference_logprobs")  # fmt: skip
-    return datasets.load_from_disk(job.reference)
+    return datasets.load_from_disk(job.reference), reference_stats
 
 
 def _format(record: dict[str, Any], max_steps: int, *, eta: str) -> str:
