@@ -27,9 +27,9 @@ from vectorlm.pipeline.preflight import (
     check_resources,
     trains_anew,
 )
-from vectorlm.pipeline.summary import interrupted_line, summary_lines, sweep_lines
+from vectorlm.pipeline.summary import Sweep, failure_lines, success_lines
 from vectorlm.pipeline.sweep import sweep_configs, sweep_runs, sweep_select
-from vectorlm.run_dir import CacheDir, Evaluation, RunDir
+from vectorlm.run_dir import CacheDir, Evaluation, RunDir, SweepDir
 
 # A train log older than this does not say why this workflow failed.
 WORKFLOW_START = time.time()
@@ -51,7 +51,7 @@ config.update(CFG.to_dict())
 # A sweep (docs/sweeps.md): the config of each run, by name, each checked like the experiment. A run's own stages write
 # under {output_dir}/runs/{run} with the layout of a single experiment; what the runs share runs once.
 RUNS = sweep_configs(config) if config.get("sweep") else {}
-RUN = RunDir(f"{CFG.output_dir}/runs/{{run}}") if RUNS else RunDir(CFG.output_dir)
+RUN = SweepDir(CFG.output_dir).run("{run}") if RUNS else RunDir(CFG.output_dir)
 CACHE = CacheDir(CFG.cache_dir)
 
 
@@ -178,10 +178,7 @@ def get_dpo_params(wildcards):
     cfg = run_config(wildcards)
     if cfg.train.objective != "dpo":
         return None
-    dpo = {k: v for k, v in to_plain(cfg.dpo).items() if k != "reference_model"}
-    if cfg.dpo.loss != "simpo":  # a margin the loss does not use reruns nothing
-        dpo.pop("simpo_gamma")
-    return dpo
+    return {k: v for k, v in cfg.dpo.in_use().items() if k != "reference_model"}
 
 
 def get_train_threads():
@@ -361,38 +358,32 @@ def check_train_resources(rule):
         check_resources(resources, config=cfg)
 
 
+def get_sweep():
+    """The sweep, for what the end of the workflow prints (None without a sweep section)."""
+    if not RUNS:
+        return None
+    return Sweep(
+        SweepDir(CFG.output_dir),
+        get_sweep_overrides(),
+        select=sweep_select(config["sweep"]),
+    )
+
+
 def report_interruption():
-    """Printed last when the workflow fails: that training was interrupted, if it was, and how to continue. In a
-    sweep, the sweep's report is written anyway, listing the runs that failed with their logs (run with --keep-going
-    so that the other runs finish)."""
-    for run in RUNS or [None]:
-        run_dir = RunDir(RUNS[run].output_dir) if run else RUN
-        if (line := interrupted_line(run_dir, since=WORKFLOW_START)) is not None:
-            print(line)
-    if RUNS:
-        for line in sweep_lines(
-            CFG.output_dir,
-            get_sweep_overrides(),
-            select=sweep_select(config["sweep"]),
-            failed=True,
-        ):
-            print(line)
+    """Printed when the workflow fails (vectorlm/pipeline/summary.py): a sweep's report (run with --keep-going so
+    that the other runs finish), then, last, that training was interrupted, if it was, and how to continue.
+    """
+    runs = [RunDir(cfg.output_dir) for cfg in RUNS.values()] or [RUN]
+    for line in failure_lines(runs, sweep=get_sweep(), since=WORKFLOW_START):
+        print(line)
 
 
 def report_summary():
     """Printed when the workflow succeeds (vectorlm/pipeline/summary.py); for a sweep, its best run."""
-    if RUNS:
-        for line in sweep_lines(
-            CFG.output_dir,
-            get_sweep_overrides(),
-            select=sweep_select(config["sweep"]),
-            failed=False,
-        ):
-            print(line)
-        return
     evaluating = CFG.evaluate is not None
-    for line in summary_lines(
+    for line in success_lines(
         RUN,
+        sweep=get_sweep(),
         evaluate_settings=get_evaluate_params() if evaluating else None,
         evaluate_fingerprint=get_evaluate_fingerprint() if evaluating else None,
     ):

@@ -9,31 +9,31 @@ rule report:
         estimate=rules.estimate.output.estimate,
     output:
         loss=report(
-            str(RUN.report / "loss.png"),
+            str(RUN.report.loss),
             caption="captions/loss.rst",
             category="train",
             labels=report_labels(figure="loss"),
         ),
         optimization=report(
-            str(RUN.report / "optimization.png"),
+            str(RUN.report.optimization),
             caption="captions/optimization.rst",
             category="train",
             labels=report_labels(figure="learning rate and gradient norm"),
         ),
         throughput=report(
-            str(RUN.report / "throughput.png"),
+            str(RUN.report.throughput),
             caption="captions/throughput.rst",
             category="train",
             labels=report_labels(figure="throughput and MFU"),
         ),
         data=report(
-            str(RUN.report / "data.png"),
+            str(RUN.report.data),
             caption="captions/data.rst",
             category="tokenize and pack",
             labels=report_labels(figure="document lengths and packing fill"),
         ),
         summary=report(
-            str(RUN.report / "summary.md"),
+            str(RUN.report.summary),
             caption="captions/summary.rst",
             category="summary",
             labels=report_labels(file="summary.md"),

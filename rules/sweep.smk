@@ -11,20 +11,20 @@ if RUNS:
             evaluations=expand(get_evaluate_targets(), run=RUNS),
         output:
             table=report(
-                str(Path(CFG.output_dir, "sweep", "summary.md")),
+                str(SweepDir(CFG.output_dir).table),
                 caption="captions/sweep.rst",
                 category="sweep",
                 labels={"file": "summary.md"},
             ),
-            runs=str(Path(CFG.output_dir, "sweep", "runs.json")),
+            runs=str(SweepDir(CFG.output_dir).runs),
             figure=report(
-                str(Path(CFG.output_dir, "sweep", "eval_loss.png")),
+                str(SweepDir(CFG.output_dir).figure),
                 caption="captions/sweep.rst",
                 category="sweep",
                 labels={"figure": "eval loss of the runs"},
             ),
         log:
-            str(Path(CFG.output_dir, "logs", "sweep_report.log")),
+            str(SweepDir(CFG.output_dir).log("sweep_report")),
         localrule: True
         params:
             output_dir=CFG.output_dir,

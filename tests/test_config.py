@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from vectorlm.config import (
+    SIZE_UNITS,
     Config,
     ConfigError,
     DataConfig,
@@ -182,6 +183,8 @@ def test_size_parsing():
         ExportConfig(max_shard_size="lots")
     with pytest.raises(ConfigError, match="export.smoke_test_max_size: cannot read size '8 GB'"):
         ExportConfig(smoke_test_max_size="8 GB")
+    for unit in SIZE_UNITS:  # the schema's pattern accepts every unit parse_size reads
+        assert ExportConfig(max_shard_size=f"2{unit}", smoke_test_max_size=f"1.5{unit}").max_shard_bytes > 0
 
 
 def test_load_config_missing_file(tmp_path):

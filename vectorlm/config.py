@@ -254,6 +254,16 @@ class DpoSettings:
         """Whether the loss compares with a reference model's log-probabilities (SimPO does not)."""
         return self.loss != "simpo"
 
+    def in_use(self) -> dict[str, Any]:
+        """The settings the loss uses (what a DPO run records and reruns for): simpo_gamma only for simpo, the
+        reference model only with a reference."""
+        settings = to_plain(self)
+        if self.loss != "simpo":
+            settings.pop("simpo_gamma")
+        if not self.uses_reference:
+            settings.pop("reference_model")
+        return settings
+
 
 @schema_section("export")
 class ExportConfig:
@@ -385,7 +395,7 @@ def load_config(path: str | Path) -> Config:
     return Config.from_dict(yaml.safe_load(path.read_text()) or {})
 
 
-_SIZE_UNITS = {
+SIZE_UNITS = {
     "B": 1,
     "KB": 10**3,
     "MB": 10**6,
@@ -403,7 +413,7 @@ def parse_size(text: str, *, key: str) -> int:
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", text)
     if not match:
         raise ConfigError(f"{key}: cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
 STAGE_CONFIG = "vectorlm_config.yaml"

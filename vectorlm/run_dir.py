@@ -104,13 +104,88 @@ class RunDir:
         return self.root / "hf_adapter"
 
     @property
-    def report(self) -> Path:
-        return self.root / "report"
+    def report(self) -> Report:
+        """The run's figures and summary (rule report)."""
+        return Report(self.root / "report")
 
     @property
     def evaluate(self) -> Evaluation:
         """The trained model's evaluation (and the base model's, with evaluate.compare_base)."""
         return Evaluation(self.root / "evaluate")
+
+
+@dataclass(frozen=True)
+class Report:
+    """A run's ``report/``: figures of its training and data, and a short summary (vectorlm/report/run_report.py)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def loss(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def optimization(self) -> Path:
+        return self.root / "optimization.png"
+
+    @property
+    def throughput(self) -> Path:
+        return self.root / "throughput.png"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def figures(self) -> tuple[Path, ...]:
+        return self.loss, self.optimization, self.throughput, self.data
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """The ``output_dir`` of an experiment with a sweep section: each run's own layout under ``runs/<name>``, the
+    sweep's report under ``sweep/``, and ``best``, a link to the best run's exported model."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root / "runs" / name)
+
+    def log(self, stage: str) -> Path:
+        """The log of a job the runs share (the sweep's report, the base model's evaluation)."""
+        return RunDir(self.root).log(stage)
+
+    @property
+    def report(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def table(self) -> Path:
+        """The runs side by side, and over seeds."""
+        return self.report / "summary.md"
+
+    @property
+    def runs(self) -> Path:
+        """Each run's overrides, status and results, and the best run."""
+        return self.report / "runs.json"
+
+    @property
+    def figure(self) -> Path:
+        return self.report / "eval_loss.png"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
 
 
 _CHECKPOINT = re.compile(r"step_(\d+)")

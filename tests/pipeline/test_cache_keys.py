@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vectorlm.config import Config
-from vectorlm.pipeline.cache_keys import DataEntries, base_chat_template, base_evaluation_key
+from vectorlm.pipeline.cache_keys import DataEntries, base_chat_template, base_evaluation_key, reference_logprobs_key
 
 BASE = {"model": "m", "output_dir": "results/a", "max_seq_len": 64, "data": {"train": "web.jsonl"}}
 
@@ -117,3 +117,17 @@ def test_the_keys_of_the_embedded_example_do_not_change_unnoticed():
     composed before vectorlm/pipeline/ existed, for the same digests.)"""
     made = entries()
     assert (made.keys, made.pack_key) == ({"web": "abdc2bb447c4c8e5"}, "786e28d16f17ccb2")
+
+
+def test_the_reference_key_follows_the_packed_rows_the_reference_model_precision_and_code_not_the_policy():
+    base = {"pack_key": "p", "reference_digests": {"files": "f", "weights": "w"}, "mixed_precision": True,
+            "digests": {"code": "c"}}  # fmt: skip
+    key = reference_logprobs_key(**base)
+    assert key == reference_logprobs_key(**dict(base))  # a name, not a draw
+    for change in ({"pack_key": "p2"}, {"reference_digests": {"files": "f", "weights": "w2"}},
+                   {"mixed_precision": False}, {"digests": {"code": "c2"}}):  # fmt: skip
+        assert reference_logprobs_key(**{**base, **change}) != key, change
+    # What only the policy's training uses (dpo.beta, the learning rate, LoRA) is in none of its inputs: DPO
+    # experiments that differ in them share the entry.
+    dpo = {"train": {"objective": "dpo"}, "data": {"chosen_field": "chosen", "rejected_field": "rejected"}}
+    assert keys(**dpo) == keys(**dpo, dpo={"beta": 0.5}, lora={"enabled": True}) != keys()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from vectorlm.pipeline.summary import interrupted_line, summary_lines
-from vectorlm.run_dir import RunDir
+from tests.report.test_sweep_report import make_runs
+from vectorlm.pipeline.summary import Sweep, failure_lines, interrupted_line, success_lines, summary_lines
+from vectorlm.run_dir import RunDir, SweepDir
 
 SETTINGS = {"tasks": ["cloze.yaml"], "prompts": [], "limit": None}
 FINGERPRINT = {"code": "c", "data evaluate.tasks[0] cloze.yaml": "d"}
@@ -74,3 +75,37 @@ def test_a_workflow_that_failed_because_training_was_interrupted_says_so_last(tm
     assert interrupted_line(run, since=written + 1) is None  # an earlier workflow's interruption: not why this failed
     run.log("train").write_text("12:01 ERROR vectorlm: train failed: RuntimeError: training failed: ...\n")
     assert interrupted_line(run) is None
+
+
+def test_a_sweep_prints_its_best_run_and_after_a_failure_writes_its_report_then_the_interruption_last(tmp_path):
+    sweep = Sweep(SweepDir(tmp_path), make_runs(tmp_path), select="eval_loss")
+    assert success_lines(RunDir(tmp_path / "unused"), sweep=sweep, evaluate_settings=None,
+                         evaluate_fingerprint=None) == []  # a narrower target than all: no sweep report yet  # fmt: skip
+    runs = [sweep.root.run(name) for name in sweep.runs]
+    runs[1].log("train").write_text("12:01 WARNING vectorlm: training was interrupted by a stop signal after saving a "
+                                    "checkpoint of step 3; rerun the same command to continue it\n")  # fmt: skip
+    lines = failure_lines(runs, sweep=sweep, since=0.0)
+    assert lines == [
+        f"vectorlm: sweep: 1 of 4 runs have no finished training (lr-2_seed-1); report: {sweep.root.table}",
+        (
+            "\nvectorlm: training was interrupted by a stop signal after saving a checkpoint of step 3; rerun the same "
+            "command to continue it\n"
+        ),
+    ]
+    assert json.loads(sweep.root.runs.read_text())["best"] == "lr-2_seed-0"  # the report the failed workflow wrote
+    assert success_lines(runs[0], sweep=sweep, evaluate_settings=None, evaluate_fingerprint=None) == [
+        (
+            f"\nvectorlm: sweep of 4 runs; best by eval_loss: lr-2_seed-0 ({tmp_path / 'best'}); report: "
+            f"{sweep.root.table}\n"
+        )
+    ]
+
+
+def test_a_failed_experiment_says_last_that_its_training_was_interrupted(tmp_path):
+    run = RunDir(tmp_path / "exp")
+    assert failure_lines([run], sweep=None, since=0.0) == []
+    run.logs.mkdir(parents=True)
+    run.log("train").write_text("WARNING vectorlm: training was interrupted after saving a checkpoint of step 7\n")
+    assert failure_lines([run], sweep=None, since=0.0) == [
+        "\nvectorlm: training was interrupted after saving a checkpoint of step 7\n"
+    ]

@@ -4,12 +4,12 @@ current, and the warnings of the data stages that a user would otherwise not see
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from vectorlm.config_schema import without_operational
 from vectorlm.packed import STATS_FILE
-from vectorlm.run_dir import RunDir
+from vectorlm.run_dir import RunDir, SweepDir
 
 
 def summary_lines(
@@ -79,20 +79,49 @@ def current_evaluation(
     return results
 
 
-def sweep_lines(output_dir: str | Path, runs: dict[str, dict[str, Any]], *, select: str, failed: bool) -> list[str]:
-    """What to print at the end of a sweep in ``output_dir`` (runs: {name: overrides}). After a success, the best run
-    from rule sweep_report's ``runs.json``. After a failure (a run failed; with --keep-going the others finished, and
-    Snakemake skipped sweep_report), the same report is written here, listing the failed runs with their logs."""
-    folder = Path(output_dir, "sweep")
+@dataclass(frozen=True)
+class Sweep:
+    """What the end of a sweep's workflow reports on: its directory, its runs ({name: overrides}) and sweep.select."""
+
+    root: SweepDir
+    runs: dict[str, dict[str, Any]]
+    select: str
+
+
+def success_lines(
+    run: RunDir,
+    *,
+    sweep: Sweep | None,
+    evaluate_settings: dict[str, Any] | None,
+    evaluate_fingerprint: dict[str, str] | None,
+) -> list[str]:
+    """What to print when the workflow succeeds: the experiment's :func:`summary_lines`, or a sweep's best run."""
+    if sweep is None:
+        return summary_lines(run, evaluate_settings=evaluate_settings, evaluate_fingerprint=evaluate_fingerprint)
+    return sweep_lines(sweep, failed=False)
+
+
+def failure_lines(runs: list[RunDir], *, sweep: Sweep | None, since: float) -> list[str]:
+    """What to print when the workflow fails (``runs``: the experiment's, or each run of a sweep): a sweep's report,
+    then, last, for each training that was interrupted, that it was and how to continue (:func:`interrupted_line`)."""
+    lines = sweep_lines(sweep, failed=True) if sweep is not None else []
+    return lines + [line for run in runs if (line := interrupted_line(run, since=since)) is not None]
+
+
+def sweep_lines(sweep: Sweep, *, failed: bool) -> list[str]:
+    """What to print at the end of a sweep. After a success, the best run from rule sweep_report's ``runs.json``.
+    After a failure (a run failed; with --keep-going the others finished, and Snakemake skipped sweep_report), the
+    same report is written here, listing the failed runs with their logs."""
+    root = sweep.root
     if failed:
         from vectorlm.report.sweep_report import write_sweep_report  # numpy and matplotlib: only when needed
 
-        result = write_sweep_report(output_dir, runs, select=select)
+        result = write_sweep_report(root.root, sweep.runs, select=sweep.select)
         unfinished = [row["run"] for row in result["runs"] if row["status"] == "failed"]
         return [(f"vectorlm: sweep: {len(unfinished)} of {len(result['runs'])} runs have no finished training "
-                 f"({', '.join(unfinished)}); report: {folder / 'summary.md'}")]  # fmt: skip
-    if not (folder / "runs.json").is_file():  # a narrower target than all: no sweep report yet
+                 f"({', '.join(unfinished)}); report: {root.table}")]  # fmt: skip
+    if not root.runs.is_file():  # a narrower target than all: no sweep report yet
         return []
-    result = json.loads((folder / "runs.json").read_text())
+    result = json.loads(root.runs.read_text())
     return [(f"\nvectorlm: sweep of {len(result['runs'])} runs; best by {result['select']}: {result['best']} "
-             f"({Path(output_dir, 'best')}); report: {folder / 'summary.md'}\n")]  # fmt: skip
+             f"({root.best}); report: {root.table}\n")]  # fmt: skip

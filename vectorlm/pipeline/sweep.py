@@ -18,6 +18,7 @@ from typing import Any
 
 from vectorlm.config import Config, ConfigError
 from vectorlm.config_schema import OPERATIONAL_KEYS, section_properties
+from vectorlm.run_dir import SweepDir
 
 # What a run may change: how it trains and what follows. The data, the model and what is evaluated are the
 # experiment's, shared by every run (one tokenize, one pack, one evaluation of the base model).
@@ -107,7 +108,7 @@ def run_config(raw: dict[str, Any], run: SweepRun) -> dict[str, Any]:
         section, name = key.split(".", 1)
         config.setdefault(section, {})
         config[section] = {**(config[section] or {}), name: value}
-    config["output_dir"] = f"{output_dir.rstrip('/')}/runs/{run.name}"
+    config["output_dir"] = str(SweepDir(output_dir).run(run.name).root)
     return config
 
 

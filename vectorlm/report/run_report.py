@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vectorlm.packed import STATS_FILE
-from vectorlm.run_dir import RunDir
+from vectorlm.run_dir import Report, RunDir
 from vectorlm.train.metrics_log import read_metrics
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def tokens_trained(steps: list[dict[str, Any]]) -> np.ndarray:
     return np.asarray(done)
 
 
-def plot_training(steps: list[dict[str, Any]], evals: list[dict[str, Any]], output: Path) -> None:
+def plot_training(steps: list[dict[str, Any]], evals: list[dict[str, Any]], output: Report) -> None:
     plt = _pyplot()
     step = [s["step"] for s in steps]
     tokens = tokens_trained(steps)
@@ -67,7 +67,7 @@ def plot_training(steps: list[dict[str, Any]], evals: list[dict[str, Any]], outp
         axes.legend()
     by_step.set_title("Loss against steps")
     by_tokens.set_title("Loss against tokens")
-    _save(figure, output / "loss.png")
+    _save(figure, output.loss)
 
     figure, (lr, norm) = plt.subplots(1, 2, figsize=(11, 4.2))
     lr.plot(step, [s["lr"] for s in steps])
@@ -76,7 +76,7 @@ def plot_training(steps: list[dict[str, Any]], evals: list[dict[str, Any]], outp
     norm.set(xlabel="optimizer step", ylabel="global gradient norm (before clipping)", title="Gradient norm")
     for axes in (lr, norm):
         axes.grid(True, alpha=0.3)
-    _save(figure, output / "optimization.png")
+    _save(figure, output.optimization)
 
     figure, (speed, mfu) = plt.subplots(1, 2, figsize=(11, 4.2))
     speed.plot(step, [s["tokens_per_second"] for s in steps])
@@ -90,10 +90,10 @@ def plot_training(steps: list[dict[str, Any]], evals: list[dict[str, Any]], outp
         mfu.set(title="Model FLOPs utilisation", xticks=[], yticks=[])
     for axes in (speed, mfu):
         axes.grid(True, alpha=0.3)
-    _save(figure, output / "throughput.png")
+    _save(figure, output.throughput)
 
 
-def plot_data(document_lengths: np.ndarray, row_lengths: np.ndarray, max_seq_len: int, output: Path) -> None:
+def plot_data(document_lengths: np.ndarray, row_lengths: np.ndarray, max_seq_len: int, output: Report) -> None:
     plt = _pyplot()
     figure, (docs, rows) = plt.subplots(1, 2, figsize=(11, 4.2))
     docs.hist(document_lengths, bins=min(60, max(10, len(document_lengths) // 20)))
@@ -104,7 +104,7 @@ def plot_data(document_lengths: np.ndarray, row_lengths: np.ndarray, max_seq_len
     rows.set(xlabel=f"row filled (% of {max_seq_len} tokens)", ylabel="packed rows", title="Packing fill")
     for axes in (docs, rows):
         axes.grid(True, alpha=0.3)
-    _save(figure, output / "data.png")
+    _save(figure, output.data)
 
 
 def _number(value: float | None) -> str:
@@ -120,7 +120,7 @@ def write_report(run: RunDir) -> dict[str, Any]:
     from vectorlm.data.arrow import list_lengths
 
     output, model = run.report, run.hf_model
-    output.mkdir(parents=True, exist_ok=True)
+    output.root.mkdir(parents=True, exist_ok=True)
     records = read_metrics(run.metrics)
     steps, evals = [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
     plot_training(steps, evals, output)
@@ -152,13 +152,13 @@ def write_report(run: RunDir) -> dict[str, Any]:
         (f"- data: {len(document_lengths):,} training documents, {len(row_lengths):,} packed rows of {max_seq_len} "
          f"tokens, {numbers['packing_fill']:.1%} filled"),
         f"- model: {model.resolve()}",
-        "", "Figures: loss.png, optimization.png, throughput.png, data.png",
+        "", f"Figures: {', '.join(path.name for path in output.figures)}",
     ]  # fmt: skip
     if run.estimate.is_file():  # what rule estimate predicted before training, beside what the run measured
         from vectorlm.estimate.table import format_estimate
 
         lines += ["", "## The estimate before training (rule estimate)", "", *format_estimate(
             json.loads(run.estimate.read_text()))]  # fmt: skip
-    (output / "summary.md").write_text("\n".join(lines) + "\n")
-    log.info("report written to %s", output)
+    output.summary.write_text("\n".join(lines) + "\n")
+    log.info("report written to %s", output.root)
     return numbers

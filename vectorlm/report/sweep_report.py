@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vectorlm.report.run_report import _pyplot, _save
-from vectorlm.run_dir import RunDir
+from vectorlm.run_dir import RunDir, SweepDir
 from vectorlm.train.metrics_log import read_metrics
 
 log = logging.getLogger(__name__)
@@ -82,22 +82,21 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_sweep_report(output_dir: str | Path, runs: dict[str, dict[str, Any]], *, select: str = "eval_loss") -> dict:
     """Writes the report of the sweep in ``output_dir`` whose runs are ``runs`` ({name: overrides}, laid out under
     ``output_dir/runs``), and links ``output_dir/best`` to the best run's model; returns the rows and the best."""
-    output_dir = Path(output_dir)
-    rows = [run_row(name, RunDir(output_dir / "runs" / name), overrides) for name, overrides in runs.items()]
+    sweep = SweepDir(output_dir)
+    rows = [run_row(name, sweep.run(name), overrides) for name, overrides in runs.items()]
     best = select_best(rows, select)
-    folder = output_dir / "sweep"
-    folder.mkdir(parents=True, exist_ok=True)
+    sweep.report.mkdir(parents=True, exist_ok=True)
     result = {"select": select, "best": best["run"] if best else None, "runs": rows, "over_seeds": over_seeds(rows)}
-    (folder / "runs.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "summary.md").write_text(_markdown(result))
-    _plot(output_dir, rows, folder / "eval_loss.png")
-    link = output_dir / "best"
+    sweep.runs.write_text(json.dumps(result, indent=2) + "\n")
+    sweep.table.write_text(_markdown(result))
+    _plot(sweep, rows)
+    link = sweep.best
     if link.exists() and not link.is_symlink():
         raise FileExistsError(f"{link} is not a link the sweep made: move it away, the best run's link goes there")
     if link.is_symlink():
         link.unlink()
     if best is not None:
-        link.symlink_to(os.path.relpath(best["model"], output_dir))
+        link.symlink_to(os.path.relpath(best["model"], sweep.root))
         log.info("best run by %s: %s -> %s", select, best["run"], link)
     failed = [r["run"] for r in rows if r["status"] == "failed"]
     if failed:
@@ -127,11 +126,11 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(output_dir: Path, rows: list[dict[str, Any]], path: Path) -> None:
+def _plot(sweep: SweepDir, rows: list[dict[str, Any]]) -> None:
     plt = _pyplot()
     figure, (curves, finals) = plt.subplots(1, 2, figsize=(11, 4.2))
     for row in rows:
-        evals = [r for r in read_metrics(RunDir(output_dir / "runs" / row["run"]).metrics) if "eval_loss" in r]
+        evals = [r for r in read_metrics(sweep.run(row["run"]).metrics) if "eval_loss" in r]
         if evals:
             curves.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label=row["run"])
     curves.set(xlabel="step", ylabel="eval loss", title="eval loss of each run")
@@ -140,4 +139,4 @@ def _plot(output_dir: Path, rows: list[dict[str, Any]], path: Path) -> None:
     finals.barh([r["run"] for r in finished], [r["final_eval_loss"] for r in finished])
     finals.set(xlabel="final eval loss", title="final eval loss (failed runs left out)")
     finals.tick_params(axis="y", labelsize=6)
-    _save(figure, path)
+    _save(figure, sweep.figure)

@@ -102,12 +102,7 @@ class Trainer:
         it uses (simpo_gamma only for simpo, the reference model only with a reference)."""
         sections: dict[str, Any] = {"train": self.cfg, "lora": self.job.lora}
         if self.cfg.objective == "dpo":
-            dpo = to_plain(self.job.dpo)
-            if dpo["loss"] != "simpo":
-                dpo.pop("simpo_gamma")
-            if not self.job.dpo.uses_reference:
-                dpo.pop("reference_model")
-            sections["dpo"] = dpo
+            sections["dpo"] = self.job.dpo.in_use()
         return sections
 
     def build(self) -> None:
