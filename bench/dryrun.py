@@ -13,6 +13,7 @@ safetensors weights, sparse files). Medians of ``--repeats`` runs; the first run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -41,12 +42,18 @@ def large_model(root: Path, example: Path) -> Path:
     for file in example.iterdir():
         if file.suffix != ".safetensors":
             shutil.copy(file, model / file.name)
-    header = b'{"__metadata__":{"format":"pt"}}'
-    for index in range(1, 5):
+    weight_map = {}
+    for index in range(1, 5):  # a tensor per file, as long as the file, so that the workflow's checks accept it
         path = model / f"model-{index:05d}-of-00004.safetensors"
+        elements = (5 * 10**9 - 256) // 4
+        header = json.dumps({"__metadata__": {"format": "pt"}, f"weight_{index}": {
+            "dtype": "F32", "shape": [elements], "data_offsets": [0, 4 * elements]}}).encode().ljust(248)  # fmt: skip
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)
-            f.truncate(5 * 10**9)
+            f.truncate(8 + len(header) + 4 * elements)
+        weight_map[f"weight_{index}"] = path.name
+    index_file = {"metadata": {"total_size": 4 * 4 * elements}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index_file))
     return model
 
 
@@ -67,21 +74,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-with", help="a git revision to measure side by side (in a temporary worktree)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkout", type=Path, default=REPO,
+                        help="the workflow to measure (default: this checkout; tests measure a copy)")  # fmt: skip
     args = parser.parse_args()
-    if not (REPO / "resources" / "tiny-llama").is_dir():
+    if not (args.checkout / "resources" / "tiny-llama").is_dir():
         sys.exit("run `make run` first: the example model must exist")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = large_model(tmp, REPO / "resources" / "tiny-llama")
+        model = large_model(tmp, args.checkout / "resources" / "tiny-llama")
         config = tmp / "large.yaml"
         config.write_text(f"model: {model}\noutput_dir: {tmp}/out\nmax_seq_len: 256\n"
                           f"data:\n  train: {REPO}/examples/tiny/corpus.jsonl\n")  # fmt: skip
-        checkouts = {"this checkout": REPO}
+        checkouts = {"this checkout": args.checkout}
         if args.compare_with:
             other = tmp / "other"
             subprocess.run(["git", "worktree", "add", "-q", "--detach", str(other), args.compare_with], cwd=REPO,
                            check=True)  # fmt: skip
-            shutil.copytree(REPO / "resources", other / "resources")  # the same example model
+            shutil.copytree(args.checkout / "resources", other / "resources")  # the same example model
             checkouts = {args.compare_with: other, **checkouts}
         try:
             results = {name: measure(path, config, args.repeats) for name, path in checkouts.items()}

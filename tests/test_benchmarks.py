@@ -1,17 +1,19 @@
 """Every benchmark under bench/ runs end to end in a tiny form on CPU, so that none can rot between the runs that
 measure (bench/consolidate_scale.py did: it no longer wrote the base weights consolidation reads). The GPU throughput
-benchmark has a test of its own (tests/test_bench_throughput.py); bench/dryrun.py times `snakemake -n` in this very
-checkout, which a test must not touch."""
+benchmark has a test of its own (tests/test_bench_throughput.py); bench/dryrun.py times `snakemake -n` in a copy of
+the workflow (its default is this very checkout, which a test must not touch)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.test_reruns import copy_workflow
 
 pytestmark = pytest.mark.workflow
 
@@ -30,6 +32,7 @@ TINY = {
         "64",
     ],
     "checkpoint_stall.py": ["--hidden", "64", "--layers", "2", "--saves", "2"],
+    "dryrun.py": ["--repeats", "1"],  # and --checkout: a copy of the workflow
     "consolidate_memory.py": ["--hidden", "64", "--layers", "2", "--vocab", "256"],
     "consolidate_scale.py": ["--hidden", "64", "128", "--layers", "2", "--ranks", "2", "--vocab", "256"],
     "export_memory.py": ["--hidden", "64", "--layers", "2"],
@@ -45,13 +48,17 @@ def test_every_benchmark_has_a_tiny_run():
     assert set(TINY) == {p.name for p in (REPO / "bench").glob("*.py")} - {
         "throughput.py",
         "hf_baseline.py",
-        "dryrun.py",
     }
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_the_benchmark_runs(script, tmp_path, tiny_model_dir):
     arguments = TINY[script] + (["--model", str(tiny_model_dir)] if script == "tokenize_pack.py" else [])
+    if script == "dryrun.py":
+        (tmp_path / "workflow").mkdir()
+        copy_workflow(tmp_path / "workflow")
+        shutil.copytree(tiny_model_dir, tmp_path / "workflow" / "resources" / "tiny-llama")
+        arguments += ["--checkout", str(tmp_path / "workflow")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "bench" / script), *arguments], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600, check=False)  # fmt: skip

@@ -16,6 +16,9 @@ from vectorlm.config import (
     load_config,
     parse_size,
 )
+from vectorlm.config import (
+    main as config_main,
+)
 from vectorlm.config_schema import OPERATIONAL_KEYS, rerun_stage, schema, section_properties
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +193,31 @@ def test_size_parsing():
 def test_load_config_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_file_that_is_not_an_experiment_config_is_named_with_its_line(tmp_path, capsys):
+    """Snakemake reads --configfile before the workflow's code runs, and says only "Config file is not valid JSON or
+    YAML", "... with keys at top level" or raises FileNotFoundError: 'train' (a target after --configfile x.yaml):
+    python -m vectorlm.config names the file, the line, and what to write."""
+    broken, listed = tmp_path / "broken.yaml", tmp_path / "listed.yaml"
+    broken.write_text("model: resources/tiny-llama\ntrain: {lr: [1.0e-4\nmax_seq_len: 64\n")
+    listed.write_text("- model: m\n- output_dir: o\n")
+    with pytest.raises(ConfigError, match=rf"config file {broken}, line 3 column \d+: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=rf"config file {listed} holds a list at its top level"):
+        load_config(listed)
+    with pytest.raises(ConfigError, match="config file train does not exist; .* write --configfile=x.yaml train"):
+        load_config("train")
+    with pytest.raises(SystemExit, match=rf"vectorlm: config file {broken}, line 3"):
+        config_main([str(broken)])
+    # Several files merge in order, as --configfile a.yaml b.yaml: the later file's keys win, nested ones too.
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model: m\noutput_dir: o\nmax_seq_len: 64\ndata: {train: t.jsonl}\ntrain: {lr: 1.0e-4, seed: 3}\n")
+    second.write_text("train: {lr: 2.0e-4}\n")
+    merged = load_config(first, second)
+    assert (merged.train.lr, merged.train.seed, merged.data.train) == (2.0e-4, 3, "t.jsonl")
+    config_main([str(first), str(second)])
+    assert capsys.readouterr().out.startswith(f"{first} + {second}: a valid experiment config")
 
 
 def test_load_config_round_trip(tmp_path):

@@ -387,12 +387,38 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: str | Path) -> Config:
-    """Reads a YAML experiment config from ``path``, validated, with defaults filled in."""
+def load_config(*paths: str | Path) -> Config:
+    """Reads YAML experiment config files, merged in order as ``--configfile a.yaml b.yaml`` merges them (the later
+    file's keys win), validated, with defaults filled in."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = _merge(merged, read_config_file(path))
+    return Config.from_dict(merged)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys a YAML config file holds.
+
+    Raises:
+        ConfigError: naming the file (and the line, for a YAML syntax error) when it does not exist, is not YAML or
+            holds no mapping of keys at its top level.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    return Config.from_dict(yaml.safe_load(path.read_text()) or {})
+        hint = (f"; an option that takes several values (--configfile) reads a target after it as a file: write "
+                f"--configfile=x.yaml {path}" if not path.suffix else "")  # fmt: skip
+        raise ConfigError(f"config file {path} does not exist{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({problem})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} holds a {type(raw).__name__} at its top level; an experiment config is "
+                          "a mapping of keys (model:, output_dir:, data:, train: ...)")  # fmt: skip
+    return raw or {}
 
 
 SIZE_UNITS = {
@@ -460,3 +486,28 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vectorlm.config a.yaml [b.yaml ...]``: checks experiment config files as the workflow reads them."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vectorlm.config",
+        description="Checks experiment config files as the workflow reads them (merged in order, as --configfile "
+        "a.yaml b.yaml merges them) and names the file and line, or the key, of a mistake. Snakemake reads the files "
+        "of --configfile before the workflow's code runs, and its own messages name neither.",
+    )
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(*args.files)
+    except ConfigError as error:
+        sys.exit(f"vectorlm: {error}")
+    print(f"{' + '.join(map(str, args.files))}: a valid experiment config (model {config.model}, output_dir "
+          f"{config.output_dir})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

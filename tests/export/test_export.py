@@ -191,7 +191,11 @@ def test_a_checkpoint_that_claims_another_shape_or_leaves_rows_out_is_not_export
         first = entries[name].chunks[0]
         entries[name].chunks = [first, ChunkStorageMetadata(first.offsets, first.sizes)]
 
+    def claim_integers(entries):  # as many bytes as fp32: read, the values would be cast from int32
+        entries[name].properties.dtype = torch.int32
+
     cases = [(claim_a_longer_tensor, r"model.model.norm.weight is stored as \(128,\), the model's is \(64,\)"),
+             (claim_integers, r"model.model.norm.weight is stored as torch.int32; a model's weights are floating"),
              (lose_a_chunk, r"the chunks of model.model.norm.weight do not cover all of it"),
              (overlap, r"chunks of model.model.norm.weight overlap")]  # fmt: skip
     for edit, message in cases:

@@ -316,7 +316,7 @@ def test_a_checkpoint_that_cannot_be_read_here_stops_the_run_and_is_left_where_i
         metadata.storage_meta = collections.OrderedDict()
 
     rewrite_metadata(root / "step_24", other_classes)
-    with pytest.raises(CheckpointUnreadable, match="refusing to unpickle collections.OrderedDict"):
+    with pytest.raises(CheckpointUnreadable, match=r"step_24/\.metadata: refusing to unpickle collections.OrderedDict"):
         plan(root)
     assert names(root) == before
     (root / "step_24" / ".metadata").write_bytes(original)
@@ -386,6 +386,43 @@ def test_damaged_checkpoints_are_set_aside_never_deleted_and_none_left_means_no_
     with pytest.raises(NoUsableCheckpoint):
         plan(root)
     assert names(root) == ["step_20.invalid", "step_24.invalid", "step_24.invalid-2"]
+
+
+def _damage(checkpoint: Path, fault: str) -> None:
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    if fault == "truncated .metadata":
+        (checkpoint / ".metadata").write_bytes((checkpoint / ".metadata").read_bytes()[:40])
+    elif fault == "missing tensor file":
+        next(checkpoint.glob("*.distcp")).unlink()
+    elif fault == "config copy not YAML":
+        (checkpoint / "vectorlm_config.yaml").write_text("train: [lr: {\n")
+    elif fault == "config copy missing":
+        (checkpoint / "vectorlm_config.yaml").unlink()
+    elif fault == "config copy without train settings":
+        (checkpoint / "vectorlm_config.yaml").write_text("lora: {}\n")
+    elif fault == "step of another directory":
+        (checkpoint / "train_state.json").write_text(json.dumps({**state, "step": 23}))
+    elif fault == "more ranks than RNG states":
+        (checkpoint / "train_state.json").write_text(json.dumps({**state, "world_size": 5}))
+    elif fault == "train state of another type":
+        (checkpoint / "train_state.json").write_text(json.dumps({**state, "final": "yes"}))
+
+
+@pytest.mark.parametrize("fault", ["truncated .metadata", "missing tensor file", "config copy not YAML",
+                                   "config copy missing", "config copy without train settings",
+                                   "step of another directory", "more ranks than RNG states",
+                                   "train state of another type"])  # fmt: skip
+def test_any_damaged_file_of_a_checkpoint_sets_it_aside_and_the_previous_one_is_resumed(reference, tmp_path, caplog,
+                                                                                          fault):  # fmt: skip
+    """Every file a checkpoint holds is checked on read; a damaged one never fails planning, on any rerun."""
+    root = copied_checkpoints(reference, tmp_path)
+    _damage(root / "step_24", fault)
+    with caplog.at_level("WARNING", logger="vectorlm.train.checkpoint"):
+        found = plan(root)
+    assert found.action == "resume" and found.checkpoint == str(root / "step_20")
+    assert names(root) == ["step_20", "step_24.invalid"]
+    assert any(f"checkpoint {root / 'step_24'} is damaged (" in record.getMessage() for record in caplog.records)
+    assert plan(root).checkpoint == str(root / "step_20")  # and on the next attempt
 
 
 def test_a_checkpoint_that_fails_to_load_is_set_aside_and_the_previous_one_resumed(reference, tmp_path,

@@ -41,6 +41,10 @@ def test_a_record_of_before_versions_reads_with_the_defaults_of_its_time(tmp_pat
         (json.dumps({"step": 3, "world_size": 1, "eval_losses": {}}), "has no data"),
         (json.dumps({"step": 3, "world_size": 1, "data": {"epoch": 0}, "eval_losses": {}}), "no data position"),
         (json.dumps({"step": "3", "world_size": 1, "data": {}, "eval_losses": {}}), "step is '3', not int"),
+        (json.dumps({**json.loads(STATE.to_json()), "final": "yes"}), "final is 'yes', not bool"),
+        (json.dumps({**json.loads(STATE.to_json()), "fingerprint": ["seed"]}), r"fingerprint is \['seed'\], not dict"),
+        (json.dumps({**json.loads(STATE.to_json()), "skipped_steps": True}), "skipped_steps is True, not int"),
+        (json.dumps({**json.loads(STATE.to_json()), "summary": "done"}), "summary is 'done', not dict"),
     ],
 )
 def test_a_record_that_cannot_be_read_says_why(tmp_path, content, message):

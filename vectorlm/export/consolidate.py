@@ -40,8 +40,9 @@ def export_dtype(export: ExportConfig, model_dir: str | Path) -> torch.dtype:
 
 
 def check_coverage(checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Each tensor the export reads is in the checkpoint with the model's shape, and its stored chunks cover it
-    exactly (inside it, not overlapping, nothing left out): otherwise the export would hold rows no chunk wrote.
+    """Each tensor the export reads is in the checkpoint with the model's shape and a floating-point dtype (training
+    keeps its weights in fp32, or bf16), and its stored chunks cover it exactly (inside it, not overlapping, nothing
+    left out): otherwise the export would hold rows no chunk wrote, or values cast from integers.
 
     Raises:
         ValueError: naming the checkpoint, the tensor and what is wrong.
@@ -54,6 +55,9 @@ def check_coverage(checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tu
             raise ValueError(
                 f"checkpoint {checkpoint}: {name} is stored as {tuple(entry.size)}, the model's is {shape}"
             )
+        if not entry.properties.dtype.is_floating_point:
+            raise ValueError(f"checkpoint {checkpoint}: {name} is stored as {entry.properties.dtype}; a model's weights "
+                             "are floating point")  # fmt: skip
         boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
         for offsets, sizes in boxes:
             if any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):

@@ -74,7 +74,10 @@ def read_metadata_file(path: Path) -> Metadata:
         pickle.UnpicklingError, EOFError: a file that is not DCP metadata (damaged).
     """
     with open(path, "rb") as f:
-        metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        except UnsafeCheckpointError as error:  # named by the file (another torch version's classes, or a crafted one)
+            raise UnsafeCheckpointError(f"{path}: {error}") from None
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"{path} does not hold DCP metadata")
     for name, entry in metadata.state_dict_metadata.items():

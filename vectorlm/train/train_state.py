@@ -21,6 +21,13 @@ TRAIN_STATE = "train_state.json"
 VERSION = 1
 
 
+# What each field must be, for a record to be read at all: a damaged record is set aside like a damaged checkpoint,
+# instead of failing resume planning on every attempt.
+_FIELD_TYPES = {"step": int, "world_size": int, "data": dict, "eval_losses": dict, "final": bool, "fingerprint": dict,
+                "train": dict, "skipped_steps": int, "tracking": dict, "summary": dict}  # fmt: skip
+_REQUIRED = ("step", "world_size", "data", "eval_losses")
+
+
 class TrainStateError(ValueError):
     """A damaged ``train_state.json``: missing, not JSON, or without a field training needs."""
 
@@ -77,10 +84,12 @@ class TrainState:
         if version not in (0, VERSION):
             raise CheckpointUnreadable(f"{path} is of version {version}; this vectorlm reads versions 0 to {VERSION}: "
                                        "resume it with the vectorlm that wrote it")  # fmt: skip
-        for name, kind in (("step", int), ("world_size", int), ("data", dict), ("eval_losses", dict)):
-            if not isinstance(record.get(name), kind):
-                raise TrainStateError(f"{path} has no {name}" if name not in record else f"{path}: {name} is "
-                                      f"{record[name]!r}, not {kind.__name__}")  # fmt: skip
+        for name, kind in _FIELD_TYPES.items():  # required first; the others may be left out, never of another type
+            if name in _REQUIRED and name not in record:
+                raise TrainStateError(f"{path} has no {name}")
+            value = record.get(name)
+            if name in record and not (_is_a(value, kind) or name == "summary" and value is None):
+                raise TrainStateError(f"{path}: {name} is {value!r}, not {kind.__name__}")
         try:
             position = DataPosition(int(record["data"]["epoch"]), int(record["data"]["offset"]))
             losses = {int(step): float(loss) for step, loss in record["eval_losses"].items()}
@@ -90,3 +99,8 @@ class TrainState:
             ) from error
         known = {name: record[name] for name in cls.__dataclass_fields__ if name in record}
         return cls(**{**known, "data": position, "eval_losses": losses, "version": version})
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """Whether ``value`` is a ``kind`` as JSON holds it (true and false are no integers here)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
