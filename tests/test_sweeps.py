@@ -1,5 +1,5 @@
-"""A sweep as a user runs it: a 2 x 2 grid with 2 seeds on the embedded model in one DAG (one tokenize and one pack
-job, eight trainings), its report and best run; the plans after adding a run and after changing one; a run that fails
+"""A sweep as a user runs it: a grid of 2 learning rates with 2 seeds on the embedded model in one DAG (one tokenize
+and one pack job, four trainings), its report and best run; the plans after adding a run and after changing one; a run that fails
 while the others finish."""
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ SWEEP = {
     "train": {"max_steps": 3, "micro_batch_size": 4, "global_batch_size": 8, "warmup_steps": 1, "log_every": 1,
               "eval_max_batches": 2, "attention": "sdpa"},
     "export": {"smoke_test": False},
-    "sweep": {"grid": {"train.lr": [1.0e-3, 5.0e-3], "train.weight_decay": [0.0, 0.1]}, "seeds": [0, 1]},
+    "sweep": {"grid": {"train.lr": [1.0e-3, 5.0e-3]}, "seeds": [0, 1]},  # grids of several keys: tests/pipeline
 }  # fmt: skip
-GRID = [f"lr-{lr}_weight_decay-{wd}_seed-{seed}" for lr in ("0.001", "0.005") for wd in ("0.0", "0.1")
-        for seed in (0, 1)]  # fmt: skip
+GRID = [f"lr-{lr}_seed-{seed}" for lr in ("0.001", "0.005") for seed in (0, 1)]
 RUN_STAGES = {"estimate", "link_data", "train", "consolidate", "convert_hf", "report"}
 
 
@@ -79,8 +78,8 @@ def test_the_report_has_a_row_per_run_and_best_is_the_lowest_eval_loss(sweep_rep
     assert result["best"] == min(losses, key=losses.get)
     assert (out / "best").resolve() == (out / "runs" / result["best"] / "hf_model").resolve()
     table = (out / "sweep" / "summary.md").read_text()
-    assert sum(line.startswith("| lr-") and "finished" in line for line in table.splitlines()) == 8
-    assert len(result["over_seeds"]) == 4 and all(g["runs"] == 2 for g in result["over_seeds"])
+    assert sum(line.startswith("| lr-") and "finished" in line for line in table.splitlines()) == 4
+    assert len(result["over_seeds"]) == 2 and all(g["runs"] == 2 for g in result["over_seeds"])
     assert (out / "sweep" / "eval_loss.png").stat().st_size > 10_000
 
 
@@ -93,7 +92,6 @@ def test_adding_a_run_plans_only_its_jobs_and_changing_one_replans_only_it(sweep
     assert planned == {(rule, f"warm_seed-{seed}") for rule in RUN_STAGES for seed in (0, 1)} | {
         ("sweep_report", None), ("all", None)}  # fmt: skip
     one = {**SWEEP, "sweep": {"runs": {name: {"train.lr": 5.0e-3 if "lr-0.005" in name else 1.0e-3,
-                                              "train.weight_decay": 0.1 if "0.1" in name else 0.0,
                                               "train.seed": int(name[-1])} for name in GRID}}}  # fmt: skip
     one["sweep"]["runs"][GRID[0]]["train.weight_decay"] = 0.05  # one run's override changed
     result = snakemake(root, "-n", write(root, "one.yaml", one), "all")
@@ -114,4 +112,4 @@ def test_a_run_that_fails_leaves_the_others_and_the_report_names_it(sweep_repo):
     assert rows["huge_seed-0"]["status"] == "failed" and Path(root, rows["huge_seed-0"]["log"]).is_file()
     assert "global_batch_size" in Path(root, rows["huge_seed-0"]["log"]).read_text()
     assert all(rows[name]["status"] == "finished" for name in GRID if name.endswith("seed-0"))
-    assert "1 of 5 runs have no finished training (huge_seed-0)" in output
+    assert "1 of 3 runs have no finished training (huge_seed-0)" in output
