@@ -9,6 +9,7 @@ from vectorlm.config import (
     Config,
     ConfigError,
     DataConfig,
+    EstimateConfig,
     EvaluateConfig,
     ExportConfig,
     LoraSettings,
@@ -188,6 +189,7 @@ def test_size_parsing():
         ExportConfig(smoke_test_max_size="8 GB")
     for unit in SIZE_UNITS:  # the schema's pattern accepts every unit parse_size reads
         assert ExportConfig(max_shard_size=f"2{unit}", smoke_test_max_size=f"1.5{unit}").max_shard_bytes > 0
+        assert EstimateConfig(gpu_memory=f"80{unit}").gpu_memory == f"80{unit}"
 
 
 def test_load_config_missing_file(tmp_path):
@@ -208,6 +210,9 @@ def test_a_config_file_that_is_not_an_experiment_config_is_named_with_its_line(t
         load_config(listed)
     with pytest.raises(ConfigError, match="config file train does not exist; .* write --configfile=x.yaml train"):
         load_config("train")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml holds no keys"):  # Snakemake refuses it too
+        load_config(tmp_path / "empty.yaml")
     with pytest.raises(SystemExit, match=rf"vectorlm: config file {broken}, line 3"):
         config_main([str(broken)])
     # Several files merge in order, as --configfile a.yaml b.yaml: the later file's keys win, nested ones too.

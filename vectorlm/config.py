@@ -415,10 +415,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"config file {path}{where}: not valid YAML ({problem})") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise ConfigError(f"config file {path} holds no keys; an experiment config is a mapping of keys (model:, "
+                          "output_dir:, data:, train: ...)")  # fmt: skip
+    if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} holds a {type(raw).__name__} at its top level; an experiment config is "
                           "a mapping of keys (model:, output_dir:, data:, train: ...)")  # fmt: skip
-    return raw or {}
+    return raw
 
 
 SIZE_UNITS = {

@@ -123,11 +123,17 @@ def test_the_reference_key_follows_the_packed_rows_the_reference_model_precision
     base = {"pack_key": "p", "reference_digests": {"files": "f", "weights": "w"}, "mixed_precision": True,
             "digests": {"code": "c"}}  # fmt: skip
     key = reference_logprobs_key(**base)
-    assert key == reference_logprobs_key(**dict(base))  # a name, not a draw
     for change in ({"pack_key": "p2"}, {"reference_digests": {"files": "f", "weights": "w2"}},
                    {"mixed_precision": False}, {"digests": {"code": "c2"}}):  # fmt: skip
         assert reference_logprobs_key(**{**base, **change}) != key, change
     # What only the policy's training uses (dpo.beta, the learning rate, LoRA) is in none of its inputs: DPO
     # experiments that differ in them share the entry.
     dpo = {"train": {"objective": "dpo"}, "data": {"chosen_field": "chosen", "rejected_field": "rejected"}}
-    assert keys(**dpo) == keys(**dpo, dpo={"beta": 0.5}, lora={"enabled": True}) != keys()
+
+    def reference_key(**changes) -> str:  # as rules/common.smk composes it
+        made = entries(**{**dpo, **changes})
+        return reference_logprobs_key(pack_key=made.pack_key, reference_digests=base["reference_digests"],
+                                      mixed_precision=made.config.train.mixed_precision, digests=base["digests"])  # fmt: skip
+
+    assert reference_key() == reference_key(dpo={"beta": 0.5}, lora={"enabled": True})
+    assert reference_key() != reference_key(data={**dpo["data"], "split_seed": 7})  # other packed rows

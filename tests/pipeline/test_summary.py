@@ -109,3 +109,13 @@ def test_a_failed_experiment_says_last_that_its_training_was_interrupted(tmp_pat
     assert failure_lines([run], sweep=None, since=0.0) == [
         "\nvectorlm: training was interrupted after saving a checkpoint of step 7\n"
     ]
+
+
+def test_a_sweep_report_that_cannot_be_written_loses_not_the_interruption(tmp_path):
+    sweep = Sweep(SweepDir(tmp_path), make_runs(tmp_path), select="eval_loss")
+    sweep.root.best.mkdir()  # not a link the sweep made: the report refuses to replace it
+    run = sweep.root.run("lr-1_seed-0")
+    run.log("train").write_text("WARNING vectorlm: training was interrupted after saving a checkpoint of step 3\n")
+    lines = failure_lines([run], sweep=sweep, since=0.0)
+    assert lines[0].startswith("vectorlm: WARNING: the sweep's report could not be written: FileExistsError")
+    assert lines[-1] == "\nvectorlm: training was interrupted after saving a checkpoint of step 3\n"

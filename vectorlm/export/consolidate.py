@@ -39,10 +39,14 @@ def export_dtype(export: ExportConfig, model_dir: str | Path) -> torch.dtype:
     return weights_dtype(Path(model_dir))
 
 
-def check_coverage(checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+def check_coverage(
+    checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tuple[int, ...]], *, floating: set[str] | None = None
+) -> None:
     """Each tensor the export reads is in the checkpoint with the model's shape and a floating-point dtype (training
     keeps its weights in fp32, or bf16), and its stored chunks cover it exactly (inside it, not overlapping, nothing
-    left out): otherwise the export would hold rows no chunk wrote, or values cast from integers.
+    left out): otherwise the export would hold rows no chunk wrote, or values cast from integers. ``floating``: the
+    tensors the model holds in a floating-point dtype (all of them when None; a model's own code may keep an integer
+    buffer).
 
     Raises:
         ValueError: naming the checkpoint, the tensor and what is wrong.
@@ -55,7 +59,7 @@ def check_coverage(checkpoint: Path, saved: dict[str, Any], shapes: dict[str, tu
             raise ValueError(
                 f"checkpoint {checkpoint}: {name} is stored as {tuple(entry.size)}, the model's is {shape}"
             )
-        if not entry.properties.dtype.is_floating_point:
+        if not entry.properties.dtype.is_floating_point and (floating is None or name in floating):
             raise ValueError(f"checkpoint {checkpoint}: {name} is stored as {entry.properties.dtype}; a model's weights "
                              "are floating point")  # fmt: skip
         boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
@@ -132,7 +136,8 @@ def consolidate(
     missing = [n for n in names if MODEL_PREFIX + n not in saved]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights of {model_dir}: {', '.join(missing[:5])}")
-    check_coverage(checkpoint, saved, {MODEL_PREFIX + name: shape for name, shape in params.items()})
+    floating = {MODEL_PREFIX + name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    check_coverage(checkpoint, saved, {MODEL_PREFIX + name: shape for name, shape in params.items()}, floating=floating)
     dtype = export_dtype(export, model_dir)
     shapes = {key: piece.file_shape for key, (_, piece) in blocks.items()}
     fused = {name for name, count in Counter(name for name, _ in blocks.values()).items() if count > 1}

@@ -104,8 +104,14 @@ def success_lines(
 def failure_lines(runs: list[RunDir], *, sweep: Sweep | None, since: float) -> list[str]:
     """What to print when the workflow fails (``runs``: the experiment's, or each run of a sweep): a sweep's report,
     then, last, for each training that was interrupted, that it was and how to continue (:func:`interrupted_line`)."""
-    lines = sweep_lines(sweep, failed=True) if sweep is not None else []
-    return lines + [line for run in runs if (line := interrupted_line(run, since=since)) is not None]
+    interrupted = [line for run in runs if (line := interrupted_line(run, since=since)) is not None]
+    lines = []
+    if sweep is not None:
+        try:
+            lines = sweep_lines(sweep, failed=True)
+        except Exception as error:  # noqa: BLE001 (the lines after it say how to continue: never lose them)
+            lines = [f"vectorlm: WARNING: the sweep's report could not be written: {type(error).__name__}: {error}"]
+    return lines + interrupted
 
 
 def sweep_lines(sweep: Sweep, *, failed: bool) -> list[str]:
