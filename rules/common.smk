@@ -51,7 +51,10 @@ config.update(CFG.to_dict())
 # A sweep (docs/sweeps.md): the config of each run, by name, each checked like the experiment. A run's own stages write
 # under {output_dir}/runs/{run} with the layout of a single experiment; what the runs share runs once.
 RUNS = sweep_configs(config) if config.get("sweep") else {}
-RUN = SweepDir(CFG.output_dir).run("{run}") if RUNS else RunDir(CFG.output_dir)
+SWEEP = SweepDir(
+    CFG.output_dir
+)  # with a sweep section: the runs, the sweep's report, best
+RUN = SWEEP.run("{run}") if RUNS else RunDir(CFG.output_dir)
 CACHE = CacheDir(CFG.cache_dir)
 
 
@@ -363,7 +366,7 @@ def get_sweep():
     if not RUNS:
         return None
     return Sweep(
-        SweepDir(CFG.output_dir),
+        SWEEP,
         get_sweep_overrides(),
         select=sweep_select(config["sweep"]),
     )
@@ -373,7 +376,7 @@ def report_interruption():
     """Printed when the workflow fails (vectorlm/pipeline/summary.py): a sweep's report (run with --keep-going so
     that the other runs finish), then, last, that training was interrupted, if it was, and how to continue.
     """
-    runs = [RunDir(cfg.output_dir) for cfg in RUNS.values()] or [RUN]
+    runs = [SWEEP.run(name) for name in RUNS] or [RUN]
     for line in failure_lines(runs, sweep=get_sweep(), since=WORKFLOW_START):
         print(line)
 

@@ -32,7 +32,7 @@ if CFG.evaluate is not None:
             output:
                 results=get_base_evaluation_results(),
             log:
-                str(SweepDir(CFG.output_dir).log("evaluate_base")),
+                str(SWEEP.log("evaluate_base")),
             params:
                 evaluate=get_evaluate_params(),
                 base=get_base_evaluation_params(),

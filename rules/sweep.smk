@@ -11,20 +11,20 @@ if RUNS:
             evaluations=expand(get_evaluate_targets(), run=RUNS),
         output:
             table=report(
-                str(SweepDir(CFG.output_dir).table),
+                str(SWEEP.table),
                 caption="captions/sweep.rst",
                 category="sweep",
                 labels={"file": "summary.md"},
             ),
-            runs=str(SweepDir(CFG.output_dir).runs),
+            runs=str(SWEEP.runs),
             figure=report(
-                str(SweepDir(CFG.output_dir).figure),
+                str(SWEEP.figure),
                 caption="captions/sweep.rst",
                 category="sweep",
                 labels={"figure": "eval loss of the runs"},
             ),
         log:
-            str(SweepDir(CFG.output_dir).log("sweep_report")),
+            str(SWEEP.log("sweep_report")),
         localrule: True
         params:
             output_dir=CFG.output_dir,

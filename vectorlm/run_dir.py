@@ -14,13 +14,18 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """An experiment's ``output_dir``: what each stage writes into it."""
+class _Directory:
+    """A directory of artifacts, named by its root (given as a string or a path)."""
 
     root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class RunDir(_Directory):
+    """An experiment's ``output_dir``: what each stage writes into it."""
 
     @property
     def name(self) -> str:
@@ -115,13 +120,8 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class Report:
+class Report(_Directory):
     """A run's ``report/``: figures of its training and data, and a short summary (vectorlm/report/run_report.py)."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def loss(self) -> Path:
@@ -149,14 +149,9 @@ class Report:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(_Directory):
     """The ``output_dir`` of an experiment with a sweep section: each run's own layout under ``runs/<name>``, the
     sweep's report under ``sweep/``, and ``best``, a link to the best run's exported model."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.root / "runs" / name)
@@ -198,14 +193,9 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 @dataclass(frozen=True)
-class CacheDir:
+class CacheDir(_Directory):
     """The ``cache_dir`` experiments share: entries named by a key, a digest of what makes them
     (vectorlm/pipeline/cache_keys.py)."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     def tokenized(self, key: str) -> Path:
         """One source of data.train, tokenized."""
@@ -228,13 +218,8 @@ class CacheDir:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(_Directory):
     """A directory the evaluate stage writes: lm-evaluation-harness's results, a table of them, greedy generations."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def results(self) -> Path:
